@@ -1,0 +1,36 @@
+"""open_clip_rank: text-driven image ranking for OpenCLIP, as a plugin.
+
+Importing this package is cheap (no torch): it arranges for ``register()`` to run as soon as
+``open_clip`` is imported, or right away if it already is. After that, OpenCLIP itself knows the
+plugin's models (``open_clip.create_model('convnext_large_d_320-adapter')``) and training flags.
+"""
+from . import _bootstrap
+from .version import __version__
+
+_LAZY = {
+    'register': 'hook',
+    'AdapterCfg': 'adapter',
+    'RankAdapter': 'adapter',
+    'RankAdapterCLIP': 'model',
+    'RankAdapterCustomTextCLIP': 'model',
+    'is_rank_adapter': 'model',
+    'load_rank_checkpoint': 'checkpoint',
+    'CheckpointMismatchError': 'checkpoint',
+}
+
+__all__ = ['__version__', *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_now(_module=None):
+    from .hook import register
+    register()
+
+
+_bootstrap.when_imported('open_clip', _register_now)

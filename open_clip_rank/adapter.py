@@ -1,0 +1,240 @@
+"""The ranking-aware adapter (Yu et al., ICLR 2025) as plain PyTorch modules.
+
+Module and parameter names follow the official ``RankAdapterV2`` so official checkpoints load
+key for key. What differs is how the pair head is computed: the official code materialises an
+``[N*N, heads, queries, 2*P]`` attention tensor; ``RankAwarePairAttention`` gets the same values from
+per-image statistics (see its docstring), so memory grows with N*N*D instead of N*N*P*D.
+"""
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, ResidualAttentionBlock
+
+MODEL_VERSION = 'clip-adapter-v2'
+
+
+@dataclass
+class AdapterCfg:
+    """``adapter_cfg`` of the official ``*-adapter.json`` configs (same keys, same defaults)."""
+    num_layers: int = 2
+    d_model: int = 768
+    n_head: int = 8  # heads of the post-fusion TransformerEncoder
+    num_learnable_text_tokens: int = 0
+    adapter_attention_pooler: str = 'rank-attn'
+    cross_attn_method: str = 'cross-qkv'
+    reg_token_method: str = 'cross-attn-sum'  # 'null' drops the post-fusion encoder
+    n_reg_tokens: int = 16
+    # The official code hard-codes 8 heads in the fusion block and the pair head; kept as defaults.
+    fusion_heads: int = 8
+    pair_heads: int = 8
+
+    @classmethod
+    def from_dict(cls, cfg):
+        if isinstance(cfg, cls):
+            return cfg
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_cfg has unknown key(s) {unknown}; allowed keys are {sorted(known)}. "
+                f"Remove or rename them in the model config.")
+        out = cls(**cfg)
+        out.validate()
+        return out
+
+    def validate(self):
+        supported = {
+            'cross_attn_method': ('cross-qkv',),
+            'adapter_attention_pooler': ('rank-attn',),
+        }
+        for key, allowed in supported.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"adapter_cfg.{key}={value!r} is not supported; use one of {list(allowed)}.")
+        for key in ('d_model', 'n_reg_tokens', 'num_layers'):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"adapter_cfg.{key} must be positive, got {getattr(self, key)}.")
+        for key in ('n_head', 'fusion_heads', 'pair_heads'):
+            if self.d_model % getattr(self, key):
+                raise ValueError(
+                    f"adapter_cfg.d_model={self.d_model} is not divisible by {key}={getattr(self, key)}.")
+
+
+def adapter_layers(quick_gelu: bool, cast_dtype: Optional[torch.dtype]):
+    """Activation and norm classes, chosen exactly as OpenCLIP does for its towers."""
+    act_layer = QuickGELU if quick_gelu else nn.GELU
+    norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
+    return act_layer, norm_layer
+
+
+class CrossModalFusion(nn.Module):
+    """Per layer: self-attention over image tokens, then image->text cross-attention; LN; projection."""
+
+    def __init__(self, width: int, layers: int, heads: int, act_layer: Callable, norm_layer: Callable,
+                 output_dim: Optional[int] = None, mlp_ratio: float = 4.0):
+        super().__init__()
+        output_dim = output_dim or width
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([
+            ResidualAttentionBlock(width, heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer)
+            for _ in range(layers)])
+        self.cross_attn = nn.ModuleList([
+            ResidualAttentionBlock(
+                width, heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer, is_cross_attention=True)
+            for _ in range(layers)])
+        self.ln_final = norm_layer(width)
+        # The official module allocates this with torch.empty and never initialises it.
+        self.projection = nn.Parameter(torch.empty(width, output_dim))
+        nn.init.normal_(self.projection, std=width ** -0.5)
+
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        x = image_tokens
+        for self_block, cross_block in zip(self.resblocks, self.cross_attn):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(self_block, x, use_reentrant=False)
+                x = checkpoint(cross_block, x, text_tokens, text_tokens, use_reentrant=False)
+            else:
+                x = self_block(x)
+                x = cross_block(x, k_x=text_tokens, v_x=text_tokens)
+        return self.ln_final(x) @ self.projection.to(x.dtype)
+
+
+class RankAwarePairAttention(nn.Module):
+    """Learnable queries attend jointly over the tokens of images i and j; i's share minus j's.
+
+    For one head and one query let s_i = q.k_i / sqrt(d) over image i's P tokens, L_i = logsumexp(s_i)
+    and o_i = softmax(s_i) @ v_i. A softmax over the concatenation [k_i; k_j] splits into
+        out(i, j) = sigmoid(L_i - L_j) * o_i - sigmoid(L_j - L_i) * o_j,
+    so o and L are computed once per image and only the O(N*N*Q*D) combination is pairwise.
+    Keys and values are the same projection (``kv_proj``), as in the official module.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, norm_layer: Callable):
+        super().__init__()
+        self.num_heads = num_heads
+        self.d_head = d_model // num_heads
+        self.scale = self.d_head ** -0.5
+        self.ln_q = norm_layer(d_model)
+        self.ln_kv = norm_layer(d_model)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def per_image_summaries(self, queries: torch.Tensor, tokens: torch.Tensor):
+        """Returns o [N, H, Q, d_head] and L [N, H, Q] (float32) for every image."""
+        n, p, d = tokens.shape
+        q = self.ln_q(self.q_proj(queries)).view(-1, self.num_heads, self.d_head)
+        kv = self.ln_kv(self.kv_proj(tokens)).view(n, p, self.num_heads, self.d_head)
+        logits = torch.einsum('qhd,nphd->nhqp', q, kv).float() * self.scale
+        log_norm = torch.logsumexp(logits, dim=-1)
+        attn = torch.exp(logits - log_norm.unsqueeze(-1)).to(kv.dtype)
+        values = torch.einsum('nhqp,nphd->nhqd', attn, kv)
+        return values, log_norm
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """queries [Q, D], tokens [N, P, D] -> pair features [N, N, D], already summed over queries."""
+        n, _, d = tokens.shape
+        values, log_norm = self.per_image_summaries(queries, tokens)
+        # weight of i's share in pair (i, j): [N(i), N(j), H, Q]
+        w = torch.sigmoid(log_norm.unsqueeze(1) - log_norm.unsqueeze(0)).to(values.dtype)
+        own = torch.einsum('ijhq,ihqd->ijhd', w, values)  # sum_q w_ij o_i
+        other = torch.einsum('ijhq,jhqd->ijhd', w, values)  # sum_q w_ij o_j
+        # sum_q [w o_i - (1 - w) o_j] = own + other - sum_q o_j
+        pair = own + other - values.sum(dim=2).unsqueeze(0)
+        pair = pair.reshape(n, n, d)
+        # out_proj is affine: summing its outputs over Q queries = projecting the sum + Q * bias
+        n_queries = queries.shape[0]
+        return F.linear(pair, self.out_proj.weight) + n_queries * self.out_proj.bias
+
+
+class PairHeadMLP(nn.Module):
+    """Official ``PairwiseDiffBlockV2``: LN, 3 x (Linear, LN, ReLU), Linear -> 1 logit."""
+
+    def __init__(self, dim: int, norm_layer: Callable):
+        super().__init__()
+        layers = [norm_layer(dim)]
+        for _ in range(3):
+            layers += [nn.Linear(dim, dim), norm_layer(dim), nn.ReLU()]
+        self.pre_linear_block = nn.Sequential(*layers)
+        self.output_head = nn.Linear(dim, 1)
+        for index in (1, 4, 7):
+            nn.init.xavier_normal_(self.pre_linear_block[index].weight)
+        nn.init.xavier_normal_(self.output_head.weight)
+
+    def forward(self, x):
+        return self.output_head(self.pre_linear_block(x))
+
+
+class ScoreMLP(nn.Module):
+    """Official ``MLPLayer``: 2 x (Linear, LN, ReLU), Linear -> 1 score."""
+
+    def __init__(self, dim: int, norm_layer: Callable):
+        super().__init__()
+        layers = []
+        for _ in range(2):
+            layers += [nn.Linear(dim, dim), norm_layer(dim), nn.ReLU()]
+        self.pre_linear_block = nn.Sequential(*layers)
+        self.output_head = nn.Linear(dim, 1)
+        for index in (0, 3):
+            nn.init.xavier_normal_(self.pre_linear_block[index].weight)
+        nn.init.xavier_normal_(self.output_head.weight)
+
+    def forward(self, x):
+        return self.output_head(self.pre_linear_block(x))
+
+
+class RankAdapter(nn.Module):
+    """Text-conditioned fusion of image tokens, then a regression head and a relational pair head."""
+
+    def __init__(self, cfg: AdapterCfg, act_layer: Callable = nn.GELU, norm_layer: Callable = LayerNorm):
+        super().__init__()
+        d = cfg.d_model
+        if cfg.num_learnable_text_tokens > 0:
+            # scalars, each broadcast over the width and prepended to the text tokens
+            self.learnable_text_tokens = nn.Parameter(
+                cfg.num_learnable_text_tokens ** -0.5 * torch.randn(1, cfg.num_learnable_text_tokens))
+        else:
+            self.learnable_text_tokens = None
+        self.crossmodal_block = CrossModalFusion(
+            d, cfg.num_layers, cfg.fusion_heads, act_layer=act_layer, norm_layer=norm_layer, output_dim=d)
+        if cfg.reg_token_method == 'null':
+            self.post_fuse_block = nn.Identity()
+        else:
+            layer = nn.TransformerEncoderLayer(
+                d_model=d, nhead=cfg.n_head, dim_feedforward=d, dropout=0.1, batch_first=True)
+            self.post_fuse_block = nn.TransformerEncoder(layer, num_layers=cfg.num_layers, enable_nested_tensor=False)
+        self.reg_tokens = nn.Parameter(d ** -0.5 * torch.randn(cfg.n_reg_tokens, d))
+        self.reg_token_pooler = RankAwarePairAttention(d, cfg.pair_heads, norm_layer)
+        self.pair_regressor = PairHeadMLP(d, norm_layer)
+        self.reg_ln = norm_layer(d)
+        self.regressor = ScoreMLP(d, norm_layer)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.crossmodal_block.grad_checkpointing = enable
+
+    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, P, D] image tokens conditioned on [N, T, D] text tokens -> [N, P, D]."""
+        if self.learnable_text_tokens is not None:
+            n, _, width = text_tokens.shape
+            prefix = self.learnable_text_tokens.to(text_tokens.dtype).view(1, -1, 1).expand(n, -1, width)
+            text_tokens = torch.cat([prefix, text_tokens], dim=1)
+        x = self.crossmodal_block(image_tokens, text_tokens)
+        return self.post_fuse_block(x)
+
+    def scores(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.regressor(self.reg_ln(fused).sum(dim=1)).squeeze(-1)
+
+    def pair_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """[N, N] logits; entry (i, j) > 0 means image i ranks above image j."""
+        pair = self.reg_token_pooler(self.reg_tokens.to(fused.dtype), fused)
+        return self.pair_regressor(pair).squeeze(-1)
+
+    def forward(self, image_tokens, text_tokens, with_pairs: bool = True):
+        fused = self.fuse(image_tokens, text_tokens)
+        pair_logits = self.pair_logits(fused) if with_pairs else None
+        return self.scores(fused), pair_logits

@@ -1,0 +1,201 @@
+"""OpenCLIP models with a ranking-aware adapter on top of the image and text towers.
+
+``RankAdapterCLIP`` extends OpenCLIP's ``CLIP`` (towers unpacked on the model, as the official
+``L2RCLIP``), ``RankAdapterCustomTextCLIP`` extends ``CustomTextCLIP`` (e.g. SigLIP, which the
+official code cannot build). Both are built by ``open_clip.create_model`` for any config carrying an
+``adapter_cfg`` (see ``hook.py``), so every OpenCLIP option keeps working.
+"""
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from open_clip.model import CLIP, CustomTextCLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer, text_global_pool
+
+from .adapter import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
+
+# Keys of an official checkpoint that a base CLIP checkpoint cannot have: they start fresh.
+FRESH_PREFIXES = ('adapter.', 'visual_proj.')
+
+
+def _vision_cfg(cfg) -> CLIPVisionCfg:
+    return cfg if isinstance(cfg, CLIPVisionCfg) else CLIPVisionCfg(**cfg)
+
+
+def _text_cfg(cfg) -> CLIPTextCfg:
+    return cfg if isinstance(cfg, CLIPTextCfg) else CLIPTextCfg(**cfg)
+
+
+def split_embed_dim(embed_dim):
+    """``embed_dim`` is an int, or ``[clip_dim, token_dim]`` for ResNets (1x1 ``visual_proj`` conv)."""
+    if isinstance(embed_dim, (list, tuple)):
+        if len(embed_dim) != 2:
+            raise ValueError(f"embed_dim must be an int or [clip_dim, token_dim], got {embed_dim}.")
+        return int(embed_dim[0]), int(embed_dim[1])
+    return int(embed_dim), None
+
+
+def visual_token_width(embed_dim, vision_cfg) -> int:
+    """Width of the image tokens the adapter receives, from the config alone (no model needed)."""
+    clip_dim, token_dim = split_embed_dim(embed_dim)
+    vision_cfg = _vision_cfg(vision_cfg)
+    if isinstance(vision_cfg.layers, (list, tuple)) and not vision_cfg.timm_model_name:
+        return token_dim if token_dim is not None else vision_cfg.width * 32
+    return clip_dim  # ViT tokens @ proj, timm head (1x1 conv / linear) -> embed_dim
+
+
+def text_token_width(text_cfg) -> int:
+    return _text_cfg(text_cfg).width
+
+
+def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCfg, misc_cfg):
+    """Fail before building anything when the towers' token widths cannot feed the adapter."""
+    version = (misc_cfg or {}).get('model_version', MODEL_VERSION)
+    if version != MODEL_VERSION:
+        raise ValueError(f"misc_cfg.model_version={version!r} is not supported; use {MODEL_VERSION!r}.")
+    vision_cfg = _vision_cfg(vision_cfg)
+    is_resnet = isinstance(vision_cfg.layers, (list, tuple)) and not vision_cfg.timm_model_name
+    if split_embed_dim(embed_dim)[1] is not None and not is_resnet:
+        raise ValueError(f"embed_dim={embed_dim} as [clip_dim, token_dim] is only for ModifiedResNet towers.")
+    if vision_cfg.timm_model_name and vision_cfg.timm_pool:
+        raise ValueError(
+            f"vision_cfg.timm_pool={vision_cfg.timm_pool!r} pools the image to one vector; the adapter "
+            f"needs its tokens: set timm_pool to \"\" (and timm_proj to \"\").")
+    checks = (('visual token width (embed_dim)', visual_token_width(embed_dim, vision_cfg)),
+              ('text token width (text_cfg.width)', text_token_width(text_cfg)))
+    for what, width in checks:
+        if width != adapter_cfg.d_model:
+            raise ValueError(
+                f"adapter_cfg.d_model={adapter_cfg.d_model} does not match the {what} {width}; "
+                f"set adapter_cfg.d_model to {width} or change the tower config.")
+
+
+class RankAdapterMixin:
+    """Adapter construction and the forward contract shared by both model classes."""
+
+    def _init_rank_adapter(self, embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype):
+        _, token_dim = split_embed_dim(embed_dim)
+        if token_dim is not None:
+            channels = _vision_cfg(vision_cfg).width * 32  # ModifiedResNet layer-4 channels
+            self.visual_proj = nn.Conv2d(channels, token_dim, kernel_size=1, bias=False)
+        else:
+            self.visual_proj = None
+        act_layer, norm_layer = adapter_layers(quick_gelu, cast_dtype)
+        self.adapter_cfg = adapter_cfg
+        self.adapter = RankAdapter(adapter_cfg, act_layer=act_layer, norm_layer=norm_layer)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        super().set_grad_checkpointing(enable)
+        self.adapter.set_grad_checkpointing(enable)
+
+    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened."""
+        visual = self.visual
+        if isinstance(visual, VisionTransformer):
+            x = visual.transformer(visual._embeds(image))
+            _, tokens = visual._pool(x)
+            return tokens @ visual.proj if visual.proj is not None else tokens
+        if isinstance(visual, ModifiedResNet):
+            x = visual.stem(image)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+            if self.visual_proj is not None:
+                x = self.visual_proj(x)
+        elif isinstance(visual, TimmModel):
+            x = visual(image)
+        else:
+            raise TypeError(f"{type(visual).__name__} image towers are not supported by the rank adapter.")
+        if x.ndim == 4:  # [N, D, h, w] -> [N, h*w, D]
+            x = x.flatten(2).transpose(1, 2)
+        return x
+
+    def forward(
+            self,
+            image: torch.Tensor,
+            text: torch.Tensor,
+            targets: Optional[torch.Tensor] = None,
+            with_pairs: bool = True,
+    ) -> Dict[str, torch.Tensor]:
+        """Rank a batch of images under their instructions.
+
+        Returns ``rank_scores`` [N] (regression head), ``pair_logits`` [N, N] (entry (i, j) > 0:
+        image i ranks above image j; omitted when ``with_pairs=False``), ``targets`` when given, and
+        ``image_features`` (the adapter's image tokens [N, P, D]), ``text_features`` (pooled,
+        projected, not normalised), ``logit_scale`` (and ``logit_bias``) as OpenCLIP models do.
+        """
+        image_tokens = self.encode_image_tokens(image)
+        text_features, text_tokens = self.encode_text_tokens(text)
+        scores, pair_logits = self.adapter(image_tokens, text_tokens.to(image_tokens.dtype), with_pairs)
+        out = {
+            'rank_scores': scores,
+            'image_features': image_tokens,
+            'text_features': text_features,
+            'logit_scale': self.logit_scale.exp(),
+        }
+        if pair_logits is not None:
+            out['pair_logits'] = pair_logits
+        if targets is not None:
+            out['targets'] = targets
+        if self.logit_bias is not None:
+            out['logit_bias'] = self.logit_bias
+        return out
+
+    @torch.no_grad()
+    def rank_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Scores only ([N]): the cheap inference path, the pair head is never run."""
+        image_tokens = self.encode_image_tokens(image)
+        _, text_tokens = self.encode_text_tokens(text)
+        fused = self.adapter.fuse(image_tokens, text_tokens.to(image_tokens.dtype))
+        return self.adapter.scores(fused)
+
+
+class RankAdapterCLIP(RankAdapterMixin, CLIP):
+    """OpenCLIP ``CLIP`` + ranking-aware adapter; state-dict compatible with the official ``L2RCLIP``."""
+
+    def __init__(self, embed_dim, vision_cfg, text_cfg, adapter_cfg, misc_cfg=None,
+                 quick_gelu: bool = False, cast_dtype: Optional[torch.dtype] = None, **kwargs):
+        adapter_cfg = AdapterCfg.from_dict(adapter_cfg)
+        check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg, misc_cfg)
+        clip_dim, _ = split_embed_dim(embed_dim)
+        super().__init__(clip_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
+        self._init_rank_adapter(embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype)
+
+    def encode_text_tokens(self, text: torch.Tensor):
+        """-> (pooled projected features [N, E], all context tokens after ln_final [N, L, W])."""
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding.to(cast_dtype)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        pooled = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, 'text_eos_id', None))
+        if self.text_projection is not None:
+            if isinstance(self.text_projection, nn.Linear):
+                pooled = self.text_projection(pooled)
+            else:
+                pooled = pooled @ self.text_projection
+        return pooled, x
+
+
+class RankAdapterCustomTextCLIP(RankAdapterMixin, CustomTextCLIP):
+    """OpenCLIP ``CustomTextCLIP`` (separate ``text`` tower, e.g. SigLIP) + ranking-aware adapter."""
+
+    def __init__(self, embed_dim, vision_cfg, text_cfg, adapter_cfg, misc_cfg=None,
+                 quick_gelu: bool = False, cast_dtype: Optional[torch.dtype] = None, **kwargs):
+        adapter_cfg = AdapterCfg.from_dict(adapter_cfg)
+        check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg, misc_cfg)
+        super().__init__(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
+        self.text.output_tokens = True
+        self._init_rank_adapter(embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype)
+
+    def encode_text(self, text, normalize: bool = False):
+        features, _ = self.text(text)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text_tokens(self, text: torch.Tensor):
+        return self.text(text)
+
+
+def is_rank_adapter(model) -> bool:
+    return isinstance(getattr(model, 'module', model), RankAdapterMixin)
