@@ -126,11 +126,12 @@ class RankAwarePairAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
 
     def per_image_summaries(self, queries: torch.Tensor, tokens: torch.Tensor):
-        """Returns o [N, H, Q, d_head] and L [N, H, Q] (float32) for every image."""
+        """Returns o [N, H, Q, d_head] and L [N, H, Q] (at least float32) for every image."""
         n, p, d = tokens.shape
         q = self.ln_q(self.q_proj(queries)).view(-1, self.num_heads, self.d_head)
         kv = self.ln_kv(self.kv_proj(tokens)).view(n, p, self.num_heads, self.d_head)
-        logits = torch.einsum('qhd,nphd->nhqp', q, kv).float() * self.scale
+        logits = torch.einsum('qhd,nphd->nhqp', q, kv)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * self.scale  # softmax stats in >= fp32
         log_norm = torch.logsumexp(logits, dim=-1)
         attn = torch.exp(logits - log_norm.unsqueeze(-1)).to(kv.dtype)
         values = torch.einsum('nhqp,nphd->nhqd', attn, kv)
@@ -149,7 +150,7 @@ class RankAwarePairAttention(nn.Module):
         pair = pair.reshape(n, n, d)
         # out_proj is affine: summing its outputs over Q queries = projecting the sum + Q * bias
         n_queries = queries.shape[0]
-        return F.linear(pair, self.out_proj.weight) + n_queries * self.out_proj.bias
+        return F.linear(pair, self.out_proj.weight, n_queries * self.out_proj.bias)
 
 
 class PairHeadMLP(nn.Module):

@@ -56,7 +56,7 @@ def register():
     from open_clip import factory
     _register_model_configs(open_clip)
     _patch_factory(open_clip, factory)
-    _register_derived_pretrained()
+    register_derived_pretrained()
     for package in TRAINING_PACKAGES:
         _bootstrap.when_imported(f'{package}.params', _patch_params)
     logging.debug('open_clip_rank registered with OpenCLIP')
@@ -119,11 +119,16 @@ def base_model_name(model_name: str):
     return None
 
 
-def _register_derived_pretrained():
-    """``<base>-adapter`` + a tag of ``<base>`` loads the base weights (adapter starts fresh)."""
+def register_derived_pretrained():
+    """``<base>-adapter`` + a tag of ``<base>`` loads the base weights (adapter starts fresh).
+
+    Covers every known derived config, including ones added later with ``add_model_config``
+    (call again after adding them).
+    """
+    import open_clip
     from open_clip import pretrained
     registry = pretrained._PRETRAINED
-    for name in plugin_config_names():
+    for name in open_clip.list_models():
         base = base_model_name(name)
         if base in registry and name not in registry:
             registry[name] = registry[base]  # shared, so later additions to the base show up too

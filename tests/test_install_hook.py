@@ -1,0 +1,120 @@
+"""The autoload hook: a fresh install makes OpenCLIP know the plugin without importing it."""
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, subprocess_env
+
+def _site_packages():
+    return [p for p in site.getsitepackages() if p.endswith('site-packages')]
+
+
+def _run(args, env, cwd=None):
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def target_install(tmp_path_factory):
+    """``pip install --target DIR .``: a regular (wheel) install into an empty directory."""
+    target = tmp_path_factory.mktemp('target')
+    result = _run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                   '--target', str(target), str(REPO_ROOT)], subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert (target / 'open_clip_rank-autoload.pth').is_file()
+    assert (target / 'open_clip_rank' / 'model_configs' / 'RN50-adapter.json').is_file()
+    return target
+
+
+def _isolated_python(target, code, **env):
+    """python -S: no site processing, so only the target's .pth can install the hook.
+
+    The environment's site-packages (torch, open_clip) go on sys.path as plain paths, so their
+    .pth files, including an installed open_clip_rank's, are NOT processed.
+    """
+    bootstrap = (f"import sys, site; sys.path[:0] = [p for p in {_site_packages()!r}]; "
+                 f"site.addsitedir({str(target)!r}); sys.path.remove({str(target)!r}); "
+                 f"sys.path.insert(0, {str(target)!r}); ")
+    return _run([sys.executable, '-S', '-c', bootstrap + code], subprocess_env(**env), cwd=str(target))
+
+
+def test_pth_autoload_registers_on_open_clip_import(target_install):
+    code = ("import sys; assert 'torch' not in sys.modules, 'the .pth must not import torch'; "
+            "import open_clip; assert open_clip.__file__; "
+            "assert sys.modules['open_clip_rank'].__file__.startswith(" + repr(str(target_install)) + "); "
+            "print('RN50-adapter' in open_clip.list_models(), type(open_clip.create_model('RN50-adapter', "
+            "device='meta')).__name__)")
+    result = _isolated_python(target_install, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['True', 'RankAdapterCLIP']
+
+
+def test_autoload_can_be_disabled_and_explicit_import_still_registers(target_install):
+    code = ("import sys, open_clip; print('open_clip_rank' in sys.modules, 'RN50-adapter' in open_clip.list_models()); "
+            "import open_clip_rank; print('RN50-adapter' in open_clip.list_models())")
+    result = _isolated_python(target_install, code, OPEN_CLIP_RANK_AUTOLOAD='0')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['False', 'False', 'True']
+
+
+def test_training_cli_help_shows_plugin_section(target_install):
+    code = "import runpy, sys; sys.argv = ['main', '--help']; runpy.run_module('open_clip_train.main', run_name='__main__')"
+    result = _isolated_python(target_install, code)
+    assert result.returncode == 0, result.stderr
+    assert '--dataset-type' in result.stdout  # OpenCLIP's own flags
+    assert 'open_clip_rank:' in result.stdout  # our section
+
+
+def test_plugin_train_module_help(python):
+    result = _run([python, '-m', 'open_clip_rank.train', '--help'], subprocess_env(OPEN_CLIP_RANK_AUTOLOAD='0'))
+    assert result.returncode == 0, result.stderr
+    assert '--dataset-type' in result.stdout and 'open_clip_rank:' in result.stdout
+
+
+def test_legacy_training_package_of_a_source_checkout_is_hooked(target_install, tmp_path):
+    """OpenCLIP source checkouts import ``training.*`` (src/training beside src/open_clip)."""
+    import open_clip
+    import open_clip_train
+    src = tmp_path / 'src'
+    src.mkdir()
+    shutil.copytree(Path(open_clip.__file__).parent, src / 'open_clip')
+    shutil.copytree(Path(open_clip_train.__file__).parent, src / 'training')
+    code = (f"import sys; sys.path.insert(0, {str(src)!r}); import training.params as p; "
+            "print(getattr(p.parse_args, '_open_clip_rank', False)); import open_clip; "
+            "print(open_clip.__file__.startswith(" + repr(str(src)) + "), 'RN50-adapter' in open_clip.list_models())")
+    result = _isolated_python(target_install, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['True', 'True', 'True']
+
+
+def test_unrelated_training_package_is_left_alone(target_install, tmp_path):
+    (tmp_path / 'training').mkdir()
+    (tmp_path / 'training' / '__init__.py').write_text('')
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import training; print('open_clip' in sys.modules)"
+    result = _isolated_python(target_install, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['False']
+
+
+def test_editable_install_gets_the_pth(tmp_path):
+    """``pip install -e .`` (PEP 660) in a new virtual environment also carries the autoload .pth."""
+    venv = tmp_path / 'venv'
+    assert _run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], subprocess_env()).returncode == 0
+    inner_python = venv / 'bin' / 'python'
+    inner_site = Path(_run([str(inner_python), '-c', 'import site; print(site.getsitepackages()[0])'],
+                           subprocess_env()).stdout.strip())
+    # the outer environment's packages as a plain path entry: visible, but its .pth files are not processed
+    (inner_site / '_outer.pth').write_text('\n'.join(_site_packages()) + '\n')
+    result = _run([str(inner_python), '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                   '--no-index', '-e', str(REPO_ROOT)], subprocess_env(), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (inner_site / 'open_clip_rank-autoload.pth').is_file()
+    code = ("import sys, open_clip; print(sys.modules['open_clip_rank'].__file__); "
+            "print('RN50-adapter' in open_clip.list_models())")
+    result = _run([str(inner_python), '-c', code], subprocess_env(), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    origin, listed = result.stdout.split()
+    assert origin.startswith(str(REPO_ROOT)) and listed == 'True'
