@@ -40,6 +40,8 @@ BASE_MODEL_ALIASES = {
     'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
 }
 TRAINING_PACKAGES = ('open_clip_train', 'training')
+# Extra model-config folders (os.pathsep-separated) registered with OpenCLIP, e.g. for your own configs.
+EXTRA_CONFIGS_ENV = 'OPEN_CLIP_RANK_MODEL_CONFIGS'
 
 _lock = threading.Lock()
 _registered = False
@@ -59,11 +61,18 @@ def register():
     register_derived_pretrained()
     for package in TRAINING_PACKAGES:
         _bootstrap.when_imported(f'{package}.params', _patch_params)
+        _bootstrap.when_imported(f'{package}.data', _patch_data)
+        _bootstrap.when_imported(f'{package}.train', _patch_train)
     logging.debug('open_clip_rank registered with OpenCLIP')
 
 
 def _register_model_configs(open_clip):
+    import os
     open_clip.add_model_config(CONFIG_DIR)
+    for folder in filter(None, os.environ.get(EXTRA_CONFIGS_ENV, '').split(os.pathsep)):
+        if not Path(folder).exists():
+            raise RuntimeError(f"{EXTRA_CONFIGS_ENV} names {folder}, which does not exist.")
+        open_clip.add_model_config(folder)
 
 
 def plugin_config_names():
@@ -109,6 +118,47 @@ def _patch_factory(open_clip, factory):
     factory.load_checkpoint = load_checkpoint
     open_clip.load_checkpoint = load_checkpoint
 
+    original_create_loss = _original(factory.create_loss)
+
+    @functools.wraps(original_create_loss)
+    def create_loss(args):
+        loss = create_rank_loss(args)
+        return loss if loss is not None else original_create_loss(args)
+
+    factory.create_loss = create_loss
+    open_clip.create_loss = create_loss
+
+
+def is_rank_model_name(model_name: str) -> bool:
+    """Does this model name (built-in, local-dir: or hf-hub:) resolve to a config with adapter_cfg?"""
+    import json
+    import open_clip
+    from open_clip.factory import parse_model_name
+    schema, identifier = parse_model_name(model_name)
+    try:
+        if schema is None:
+            cfg = open_clip.get_model_config(identifier.replace('/', '-')) or {}
+        elif schema == 'local-dir':
+            cfg = json.loads((Path(identifier) / 'open_clip_config.json').read_text()).get('model_cfg', {})
+        else:
+            cfg = open_clip.factory._get_hf_config(identifier).get('model_cfg', {})
+    except Exception:  # unreadable config: let OpenCLIP report it when it builds the model
+        return False
+    return 'adapter_cfg' in cfg
+
+
+def create_rank_loss(args):
+    """RankingLoss for ``--loss-opt`` (default single-head for adapter models, as the original); else None."""
+    from .losses import RankingLoss
+    loss_opt = getattr(args, 'loss_opt', None)
+    if loss_opt is None and getattr(args, 'model', None) and is_rank_model_name(args.model):
+        loss_opt = 'single-head'
+    if loss_opt not in ('dual-head', 'single-head'):
+        return None
+    weights = {'rank': args.rank_loss_weight, 'regression': args.regression_loss_weight, 'bce': args.bce_loss_weight}
+    return RankingLoss(head=loss_opt.split('-')[0], components=args.loss_components, weights=weights,
+                       ignore_ties=args.pair_loss_ignore_ties, micro_batch_size=args.batch_size)
+
 
 def base_model_name(model_name: str):
     """'convnext_large_d_320-adapter' -> 'convnext_large_d_320' (None if not a derived name)."""
@@ -134,11 +184,73 @@ def register_derived_pretrained():
             registry[name] = registry[base]  # shared, so later additions to the base show up too
 
 
+def _is_ours(fn):
+    return getattr(fn, '_open_clip_rank', False)
+
+
+def _from_openclip_checkout(module):
+    """``training.*`` only counts when it is OpenCLIP's source-checkout package."""
+    import sys
+    return not module.__name__.startswith('training.') or _bootstrap._is_openclip_checkout(sys.modules['training'])
+
+
+def uses_rank_data(args) -> bool:
+    return getattr(args, 'csv_dataset_sample_type', 'default') == 'rank'
+
+
+def _patch_data(module):
+    if _is_ours(module.get_data) or not _from_openclip_checkout(module):
+        return
+    original = module.get_data
+
+    @functools.wraps(original)
+    def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+        if not uses_rank_data(args):
+            return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        from .data import RankDataError, get_rank_data
+        try:
+            data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        except RankDataError as err:  # one clear line, before any training starts
+            logging.error(str(err))
+            raise SystemExit(f"open_clip_rank: error: {err}")
+        if args.imagenet_val is not None or args.imagenet_v2 is not None:
+            data.update({k: v for k, v in original(_without_csv(args), preprocess_fns, epoch, tokenizer).items()
+                         if k.startswith('imagenet')})
+        return data
+
+    get_data._open_clip_rank = True
+    module.get_data = get_data
+
+
+def _without_csv(args):
+    import copy
+    args = copy.copy(args)
+    args.train_data = args.val_data = None
+    return args
+
+
+def _patch_train(module):
+    if _is_ours(module.evaluate) or not _from_openclip_checkout(module):
+        return
+    original = module.evaluate
+
+    @functools.wraps(original)
+    def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
+        if getattr(data.get('val'), 'rank_eval', False):
+            from .evaluate import evaluate_ranking
+            metrics = evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer)
+            others = {k: v for k, v in data.items() if k != 'val'}
+            if any(k.startswith('imagenet') for k in others):
+                metrics.update(original(model, others, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer))
+            return metrics
+        return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+
+    evaluate._open_clip_rank = True
+    module.evaluate = evaluate
+
+
 def _patch_params(module):
     from .params import wrap_parse_args
-    if getattr(module.parse_args, '_open_clip_rank', False):
-        return
-    if module.__name__.startswith('training.') and not _bootstrap._is_openclip_checkout(
-            __import__('sys').modules['training']):
+    if _is_ours(module.parse_args) or not _from_openclip_checkout(module):
         return
     module.parse_args = wrap_parse_args(module.parse_args)

@@ -57,6 +57,7 @@ class RankingLoss(nn.Module):
             components: Sequence[str] = ('regression', 'rank'),
             weights: Optional[Dict[str, float]] = None,
             ignore_ties: bool = False,
+            micro_batch_size: Optional[int] = None,
     ):
         super().__init__()
         if head not in ('dual', 'single'):
@@ -68,10 +69,29 @@ class RankingLoss(nn.Module):
         self.components = tuple(dict.fromkeys(components))
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
         self.ignore_ties = ignore_ties
+        self.micro_batch_size = micro_batch_size
 
-    def forward(self, rank_scores, targets, pair_logits=None, output_dict: bool = False, **_model_outputs):
+    def forward(self, rank_scores, targets=None, pair_logits=None, output_dict: bool = False, **_model_outputs):
+        """Loss of one rank batch; pairs never cross micro-batches.
+
+        With ``--accum-freq`` > 1 OpenCLIP concatenates the outputs of all micro-batches (pair logits
+        [k*B, B]); the loss is then the mean of the per-micro-batch losses, so the accumulated gradient
+        equals the gradient of that mean.
+        """
+        if targets is None:
+            raise ValueError("rank losses need targets: train with --dataset-type csv --csv-dataset-sample-type rank.")
         scores = rank_scores.float()
         targets = targets.to(scores.device, torch.float32).view(-1)
+        size = self.micro_batch_size or len(scores)
+        if pair_logits is not None and pair_logits.shape[0] != pair_logits.shape[1]:
+            size = pair_logits.shape[1]  # rows are stacked [B, B] blocks, one per micro-batch
+        chunks = [slice(start, start + size) for start in range(0, len(scores), size)]
+        parts = [self._batch_losses(scores[c], targets[c], None if pair_logits is None else pair_logits[c])
+                 for c in chunks]
+        losses = {name: sum(p[name] for p in parts) / len(parts) for name in parts[0]}
+        return losses if output_dict else sum(losses.values())
+
+    def _batch_losses(self, scores, targets, pair_logits):
         losses = {}
         if 'regression' in self.components:
             losses['regression_loss'] = self.weights['regression'] * regression_loss(scores, targets)
@@ -86,4 +106,4 @@ class RankingLoss(nn.Module):
             losses['rank_loss'] = self.weights['rank'] * pair_rank_loss(logits, targets, self.ignore_ties)
         if 'bce' in self.components:
             losses['bce_loss'] = self.weights['bce'] * nonzero_bce_loss(scores, targets)
-        return losses if output_dict else sum(losses.values())
+        return losses

@@ -14,9 +14,10 @@ from torch import nn
 from open_clip.model import CLIP, CustomTextCLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
-from open_clip.transformer import VisionTransformer, text_global_pool
+from open_clip.transformer import VisionTransformer, lock_text_tower, text_global_pool
 
 from .adapter import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
+from .rank_batch import RankTexts
 
 # Keys of an official checkpoint that a base CLIP checkpoint cannot have: they start fresh.
 FRESH_PREFIXES = ('adapter.', 'visual_proj.')
@@ -87,6 +88,20 @@ class RankAdapterMixin:
         act_layer, norm_layer = adapter_layers(quick_gelu, cast_dtype)
         self.adapter_cfg = adapter_cfg
         self.adapter = RankAdapter(adapter_cfg, act_layer=act_layer, norm_layer=norm_layer)
+        self._freeze_contrastive_only_parameters()
+
+    def _freeze_contrastive_only_parameters(self):
+        """Parameters no rank output depends on get no gradient, which DDP (without
+        find_unused_parameters) and optimizers must not wait for: freeze them."""
+        unused = [self.logit_scale, self.logit_bias]
+        text_tower = getattr(self, 'text', self)  # CustomTextCLIP keeps its text tower in .text
+        projection = getattr(text_tower, 'text_projection', None)
+        unused += list(projection.parameters()) if isinstance(projection, nn.Module) else [projection]
+        if isinstance(self.visual, ModifiedResNet):
+            unused += list(self.visual.attnpool.parameters())  # the adapter reads the layer-4 map
+        for param in unused:
+            if param is not None:
+                param.requires_grad_(False)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
@@ -127,6 +142,9 @@ class RankAdapterMixin:
         ``image_features`` (the adapter's image tokens [N, P, D]), ``text_features`` (pooled,
         projected, not normalised), ``logit_scale`` (and ``logit_bias``) as OpenCLIP models do.
         """
+        if isinstance(text, RankTexts):  # a rank batch from open_clip_rank.data carries its targets
+            targets = text.targets if targets is None else targets
+            text = text.tokens
         image_tokens = self.encode_image_tokens(image)
         text_features, text_tokens = self.encode_text_tokens(text)
         scores, pair_logits = self.adapter(image_tokens, text_tokens.to(image_tokens.dtype), with_pairs)
@@ -163,6 +181,15 @@ class RankAdapterCLIP(RankAdapterMixin, CLIP):
         clip_dim, _ = split_embed_dim(embed_dim)
         super().__init__(clip_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
         self._init_rank_adapter(embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+        """``--lock-text`` locks the whole text tower, LayerNorms included.
+
+        OpenCLIP 3.3's ``CLIP.lock_text_tower`` asserts ``freeze_layer_norm``, which its own CLI passes
+        as False unless ``--lock-text-freeze-layer-norm`` is given, so the seed's ``--lock-text`` command
+        would fail on every CLIP-class adapter model; LayerNorms are treated like other weights here.
+        """
+        lock_text_tower(self, unlocked_layers)
 
     def encode_text_tokens(self, text: torch.Tensor):
         """-> (pooled projected features [N, E], all context tokens after ln_final [N, L, W])."""

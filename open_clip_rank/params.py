@@ -10,10 +10,39 @@ import functools
 import sys
 
 
+LOSS_OPTS = ('dual-head', 'single-head')
+SAMPLE_TYPES = ('default', 'rank')
+
+
 def add_plugin_args(parser: argparse.ArgumentParser):
-    """Flags of open_clip_rank, in OpenCLIP's style (dashes, defaults shown in help)."""
-    parser.add_argument_group(
+    """Flags of open_clip_rank, in OpenCLIP's style (dashes; defaults as the original code)."""
+    group = parser.add_argument_group(
         'open_clip_rank', 'Text-driven image ranking (ranking-aware adapter models: any *-adapter model config).')
+    group.add_argument(
+        '--loss-opt', choices=LOSS_OPTS, default=None,
+        help="Ranking loss: 'dual-head' orders pairs with the adapter's pair head, 'single-head' with score "
+             "differences. Default: single-head for adapter models (as the original), OpenCLIP's loss otherwise.")
+    group.add_argument(
+        '--loss-components', nargs='+', choices=('regression', 'rank', 'bce'), default=['rank'],
+        help="Parts of the ranking loss: pairwise 'rank' BCE, 'regression' log(1 + smoothL1), 'bce' on target != 0.")
+    group.add_argument('--rank-loss-weight', type=float, default=1.0, help='Weight of the pairwise rank loss.')
+    group.add_argument('--regression-loss-weight', type=float, default=0.2, help='Weight of the regression loss.')
+    group.add_argument('--bce-loss-weight', type=float, default=1.0, help='Weight of the target != 0 BCE loss.')
+    group.add_argument(
+        '--pair-loss-ignore-ties', action='store_true', default=False,
+        help='Leave pairs with equal targets (and the diagonal) out of the pair loss. Default: as the original, '
+             'they count with label 0.')
+    group.add_argument(
+        '--csv-dataset-sample-type', choices=SAMPLE_TYPES, default='default',
+        help="'rank': batches of one category (instruction) each, with targets, for ranking models.")
+    group.add_argument(
+        '--negative-ratio', type=float, default=0.2,
+        help='Share of each rank batch drawn from other categories, captioned with the batch category, target 0.')
+    group.add_argument('--csv-value-key', type=str, default='value', help='CSV column of the ranking target.')
+    group.add_argument('--csv-category-key', type=str, default='cname',
+                       help='CSV column of the category word that appears in the caption.')
+    group.add_argument('--csv-weight-key', type=str, default='sample_weights_by_class',
+                       help='Optional CSV column of per-row sampling weights within a category.')
     return parser
 
 
@@ -24,6 +53,14 @@ def plugin_parser() -> argparse.ArgumentParser:
 
 def validate_plugin_args(args):
     """Clear one-line errors for bad flag combinations, before anything is built."""
+    if args.csv_dataset_sample_type == 'rank':
+        if not 0.0 <= args.negative_ratio < 1.0:
+            raise ValueError(f"--negative-ratio must be in [0, 1), got {args.negative_ratio}.")
+        if args.dataset_type not in ('csv', 'auto'):
+            raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv, got {args.dataset_type}.")
+    if args.loss_opt is not None and args.train_data and args.csv_dataset_sample_type != 'rank':
+        raise ValueError(f"--loss-opt {args.loss_opt} trains on targets: add --dataset-type csv "
+                         f"--csv-dataset-sample-type rank (CSV with a '{args.csv_value_key}' column).")
     return args
 
 

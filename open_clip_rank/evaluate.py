@@ -1,0 +1,73 @@
+"""Validation of rank models inside OpenCLIP's training loop (``--val-data`` with rank sampling).
+
+Runs on the master process over the whole validation set exactly once (like OpenCLIP's own
+``evaluate``, which also evaluates unsharded on rank 0), with the cheap scores-only path, and
+reports per-category and mean SRCC, KRCC, PLCC, MAE and pairwise accuracy to the log,
+tensorboard, wandb and ``results.jsonl``, as OpenCLIP reports its own validation metrics.
+"""
+import json
+import logging
+import os
+
+import torch
+
+from .metrics import ranking_metrics
+
+
+def unwrap(model):
+    return getattr(model, 'module', model)
+
+
+@torch.inference_mode()
+def predict(model, dataloader, device, autocast, input_dtype=None):
+    """Scores for every readable validation image: (scores, targets, category_ids) as CPU tensors."""
+    model = unwrap(model)
+    scores, targets, categories = [], [], []
+    for batch in dataloader:
+        if batch is None:  # every image of this batch was unreadable (already logged)
+            continue
+        images, texts = batch
+        images = images.to(device=device, dtype=input_dtype, non_blocking=True)
+        texts = texts.to(device=device, non_blocking=True)
+        with autocast():
+            batch_scores = model.rank_scores(images, texts.tokens)
+        scores.append(batch_scores.float().cpu())
+        targets.append(texts.targets.cpu())
+        categories.append(texts.category_ids.cpu())
+    return torch.cat(scores), torch.cat(targets), torch.cat(categories)
+
+
+def evaluate_ranking(model, data, epoch, args, tb_writer=None):
+    """Same contract as ``open_clip_train.train.evaluate``: returns the metrics dict (master only)."""
+    from open_clip.model import get_input_dtype
+    from open_clip_train.distributed import is_master
+    from open_clip_train.precision import get_autocast
+
+    if not is_master(args):
+        return {}
+    info = data['val']
+    if not (args.val_frequency and (epoch % args.val_frequency == 0 or epoch == args.epochs)):
+        return {}
+    device = torch.device(args.device)
+    model.eval()
+    autocast = get_autocast(args.precision, device_type=device.type)
+    scores, targets, category_ids = predict(model, info.dataloader, device, autocast, get_input_dtype(args.precision))
+    names = info.table.category_names
+    metrics = ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
+    metrics = {'epoch': epoch, **metrics}
+    logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    _report(metrics, epoch, args, tb_writer)
+    return metrics
+
+
+def _report(metrics, epoch, args, tb_writer):
+    log_data = {f'val/{name}': value for name, value in metrics.items()}
+    if args.save_logs:
+        if tb_writer is not None:
+            for name, value in log_data.items():
+                tb_writer.add_scalar(name, value, epoch)
+        with open(os.path.join(args.checkpoint_path, 'results.jsonl'), 'a+') as f:
+            f.write(json.dumps(metrics) + '\n')
+    if args.wandb:
+        import wandb
+        wandb.log({**log_data, 'epoch': epoch})
