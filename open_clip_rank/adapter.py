@@ -137,20 +137,22 @@ class RankAwarePairAttention(nn.Module):
         values = torch.einsum('nhqp,nphd->nhqd', attn, kv)
         return values, log_norm
 
+    def pair_features(self, values_i, log_norm_i, values_j, log_norm_j, n_queries: int) -> torch.Tensor:
+        """Pairs (i, j) of two sets of per-image summaries -> [I, J, D], already summed over queries."""
+        # weight of i's share in pair (i, j): [I, J, H, Q]
+        w = torch.sigmoid(log_norm_i.unsqueeze(1) - log_norm_j.unsqueeze(0)).to(values_i.dtype)
+        own = torch.einsum('ijhq,ihqd->ijhd', w, values_i)  # sum_q w_ij o_i
+        other = torch.einsum('ijhq,jhqd->ijhd', w, values_j)  # sum_q w_ij o_j
+        # sum_q [w o_i - (1 - w) o_j] = own + other - sum_q o_j
+        pair = own + other - values_j.sum(dim=2).unsqueeze(0)
+        pair = pair.reshape(pair.shape[0], pair.shape[1], -1)
+        # out_proj is affine: summing its outputs over Q queries = projecting the sum + Q * bias
+        return F.linear(pair, self.out_proj.weight, n_queries * self.out_proj.bias)
+
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """queries [Q, D], tokens [N, P, D] -> pair features [N, N, D], already summed over queries."""
-        n, _, d = tokens.shape
         values, log_norm = self.per_image_summaries(queries, tokens)
-        # weight of i's share in pair (i, j): [N(i), N(j), H, Q]
-        w = torch.sigmoid(log_norm.unsqueeze(1) - log_norm.unsqueeze(0)).to(values.dtype)
-        own = torch.einsum('ijhq,ihqd->ijhd', w, values)  # sum_q w_ij o_i
-        other = torch.einsum('ijhq,jhqd->ijhd', w, values)  # sum_q w_ij o_j
-        # sum_q [w o_i - (1 - w) o_j] = own + other - sum_q o_j
-        pair = own + other - values.sum(dim=2).unsqueeze(0)
-        pair = pair.reshape(n, n, d)
-        # out_proj is affine: summing its outputs over Q queries = projecting the sum + Q * bias
-        n_queries = queries.shape[0]
-        return F.linear(pair, self.out_proj.weight, n_queries * self.out_proj.bias)
+        return self.pair_features(values, log_norm, values, log_norm, queries.shape[0])
 
 
 class PairHeadMLP(nn.Module):

@@ -1,0 +1,225 @@
+"""Rank images with a trained adapter model: the Python API behind ``python -m open_clip_rank.rank``.
+
+``score_images`` runs every image tower pass once per batch and every prompt's text tower once,
+then the adapter's scores-only path for each (image, prompt): the pair head is never run.
+``pairwise_scores`` optionally re-ranks a set with the pair head, blockwise, from per-image
+summaries (see ``adapter.RankAwarePairAttention``), so thousands of images fit in memory.
+"""
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+import open_clip
+
+from .data import rank_transforms
+from .model import is_rank_adapter
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+
+def default_device() -> torch.device:
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _register_config_file(config_path) -> str:
+    """An official ``model-config.json`` (or any model config file) becomes a named OpenCLIP config."""
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"model config {config_path} does not exist.")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config {config_path} is not valid JSON ({err}).")
+    cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json wraps the model config
+    cfg.pop('model_version', None)  # the official inference script passes it beside the config
+    if 'adapter_cfg' not in cfg:
+        raise ValueError(f"model config {config_path} has no 'adapter_cfg': it is not a rank-adapter config.")
+    folder = Path(tempfile.mkdtemp(prefix='open_clip_rank_cfg_'))
+    name = f'file-{config_path.stem}'
+    (folder / f'{name}.json').write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return name
+
+
+def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_path=None, device=None,
+                    precision: str = 'fp32'):
+    """-> (model in eval mode, image transform (resize, no crop), tokenizer)."""
+    if (model is None) == (config_path is None):
+        raise ValueError("give exactly one of a model name (--model) or a model config file (--config-path).")
+    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist.")
+    name = model if model is not None else _register_config_file(config_path)
+    device = torch.device(device) if device is not None else default_device()
+    net, _, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=checkpoint_path, precision=precision, device=device)
+    if not is_rank_adapter(net):
+        raise ValueError(f"model {name} is not a rank-adapter model (its config has no adapter_cfg).")
+    _, transform = rank_transforms(preprocess_val)
+    return net.eval(), transform, open_clip.get_tokenizer(name)
+
+
+def _open(image: ImageLike) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert('RGB')
+    with Image.open(image) as img:
+        return img.convert('RGB')
+
+
+def load_images(images: Sequence[ImageLike], transform):
+    """-> (tensors of the readable images, their indices, [(index, reason)] of the unreadable ones)."""
+    tensors, kept, skipped = [], [], []
+    for index, image in enumerate(images):
+        try:
+            tensors.append(transform(_open(image)))
+            kept.append(index)
+        except Exception as err:
+            skipped.append((index, f'{type(err).__name__}: {err}'))
+            logging.warning(f"Skipping unreadable image {image} ({type(err).__name__}: {err}).")
+    return tensors, kept, skipped
+
+
+class _Batches:
+    """Decodes images batch by batch so a large folder never sits in memory as tensors."""
+
+    def __init__(self, images, transform, batch_size):
+        self.images, self.transform, self.batch_size = images, transform, batch_size
+
+    def __len__(self):
+        return (len(self.images) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.images), self.batch_size):
+            chunk = self.images[start:start + self.batch_size]
+            tensors, kept, skipped = load_images(chunk, self.transform)
+            yield (torch.stack(tensors) if tensors else None, [start + k for k in kept],
+                   [(start + i, why) for i, why in skipped])
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, unit='batch')
+
+
+@torch.inference_mode()
+def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequence[str]], transform, tokenizer,
+                 batch_size: int = 64, device=None, progress: bool = False, autocast_dtype=None):
+    """Scores [num_images, num_prompts] (NaN for unreadable images) and the list of skipped (index, reason).
+
+    ``prompts`` is one prompt for all images, a list of prompts (every image under each), or, when
+    ``per_image`` lengths match and a list of lists is given, not supported: use one call per prompt.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _, text_tokens = model.encode_text_tokens(tokenizer(prompts).to(device))  # [T, L, D], once per prompt
+    scores = torch.full((len(images), len(prompts)), float('nan'))
+    skipped = []
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _nullcontext()
+    for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'scoring'):
+        skipped += bad
+        if batch is None:
+            continue
+        with autocast:
+            image_tokens = model.encode_image_tokens(batch.to(device))
+            for t in range(len(prompts)):
+                text = text_tokens[t:t + 1].expand(len(kept), -1, -1).to(image_tokens.dtype)
+                fused = model.adapter.fuse(image_tokens, text)
+                scores[kept, t] = model.adapter.scores(fused).float().cpu()
+    return scores, skipped
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.inference_mode()
+def score_rows(model, images: Sequence[ImageLike], prompts: Sequence[str], transform, tokenizer,
+               batch_size: int = 64, device=None, progress: bool = False):
+    """One prompt per image (CSV input: each row's own instruction). -> (scores [N], skipped)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    scores = torch.full((len(images),), float('nan'))
+    skipped = []
+    for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'scoring'):
+        skipped += bad
+        if batch is None:
+            continue
+        texts = tokenizer([prompts[i] for i in kept]).to(device)
+        scores[kept] = model.rank_scores(batch.to(device), texts).float().cpu()
+    return scores, skipped
+
+
+@torch.inference_mode()
+def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, tokenizer, batch_size: int = 64,
+                    block_size: int = 256, device=None, progress: bool = False):
+    """Pair-head ranking of a set: score_i = mean over j of (P(i > j) + 1 - P(j > i)) / 2.
+
+    Uses every pair's evidence instead of one absolute score per image; it helps most when the
+    regression head is poorly calibrated across images (e.g. a checkpoint trained with the dual-head
+    loss and few regression targets). Cost grows with N^2 (blockwise, N x block x D memory).
+    -> (scores [N] in [0, 1], NaN for unreadable images; skipped).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    adapter = model.adapter
+    _, text_tokens = model.encode_text_tokens(tokenizer([prompt]).to(device))
+    values, log_norms, kept_all, skipped = [], [], [], []
+    for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'encoding'):
+        skipped += bad
+        if batch is None:
+            continue
+        image_tokens = model.encode_image_tokens(batch.to(device))
+        fused = adapter.fuse(image_tokens, text_tokens.expand(len(kept), -1, -1).to(image_tokens.dtype))
+        v, l = adapter.reg_token_pooler.per_image_summaries(adapter.reg_tokens.to(fused.dtype), fused)
+        values.append(v)
+        log_norms.append(l)
+        kept_all += kept
+    scores = torch.full((len(images),), float('nan'))
+    if not kept_all:
+        return scores, skipped
+    values, log_norms = torch.cat(values), torch.cat(log_norms)
+    n = len(kept_all)
+    n_queries = adapter.reg_tokens.shape[0]
+    row_sums = torch.zeros(n, device=device)  # sum_j P(i > j)
+    col_sums = torch.zeros(n, device=device)  # sum_i P(i > j), indexed by j
+    for start in range(0, n, block_size):
+        rows = slice(start, min(start + block_size, n))
+        features = adapter.reg_token_pooler.pair_features(
+            values[rows], log_norms[rows], values, log_norms, n_queries)
+        probs = torch.sigmoid(adapter.pair_regressor(features).squeeze(-1).float())  # [block, n]
+        row_sums[rows] += probs.sum(dim=1)
+        col_sums += probs.sum(dim=0)
+    # mean over j != i of (P(i > j) + 1 - P(j > i)) / 2; the diagonal terms cancel
+    scores[kept_all] = ((row_sums - col_sums + n - 1) / (2 * max(n - 1, 1))).cpu()
+    return scores, skipped
+
+
+def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """1 = highest score; NaN scores rank last."""
+    filled = torch.nan_to_num(scores.float(), nan=float('-inf'))
+    order = torch.argsort(filled, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, len(order) + 1)
+    return ranks
+
+
+def rank_images(model, images: Sequence[ImageLike], prompt: str, transform=None, tokenizer=None, **kwargs):
+    """Order ``images`` by ``prompt``: a list of dicts (image, score, rank), best first; unreadable images last."""
+    if transform is None or tokenizer is None:
+        raise ValueError("pass the transform and tokenizer from load_rank_model().")
+    scores, _ = score_images(model, images, prompt, transform, tokenizer, **kwargs)
+    scores = scores[:, 0]
+    ranks = ranks_from_scores(scores)
+    out = [{'image': images[i], 'score': float(scores[i]), 'rank': int(ranks[i])} for i in range(len(images))]
+    return sorted(out, key=lambda r: r['rank'])

@@ -1,0 +1,190 @@
+"""Rank images by an instruction with a trained model: ``python -m open_clip_rank.rank``.
+
+Two inputs:
+* a CSV in the training format (filepath, title, cname[, value]): every image is scored under its
+  own row's instruction; with a value column, per-category and mean metrics are written too;
+* ``--images FOLDER --prompt "Rank the numbers of cat." [--prompt ...]``: every image under each prompt.
+
+Writes ``<output>.csv`` (image, prompt, score, rank[, category, target]), ``<output>.json`` with the
+metrics when ground truth is present, and optionally a contact sheet PNG per run.
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog='python -m open_clip_rank.rank', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group('input (one of)')
+    src.add_argument('--data-to-inference', '--csv', dest='csv', type=str, default=None,
+                     help='CSV in the training format (filepath, title, cname[, value]).')
+    src.add_argument('--images', type=str, default=None, help='Folder of images (searched recursively).')
+    src.add_argument('--prompt', action='append', default=None,
+                     help='Instruction for --images; repeat for several (each image is scored under each).')
+    mdl = p.add_argument_group('model (one of --model / --config-path)')
+    mdl.add_argument('--model', type=str, default=None, help='OpenCLIP model name (built-in, local-dir:, hf-hub:).')
+    mdl.add_argument('--config-path', type=str, default=None,
+                     help='Model config JSON, e.g. the official model-config.json.')
+    mdl.add_argument('--checkpoint-path', type=str, default=None, help='Checkpoint (official or OpenCLIP training).')
+    mdl.add_argument('--device', type=str, default=None, help='Default: cuda when available, else cpu.')
+    mdl.add_argument('--precision', type=str, default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    out = p.add_argument_group('output')
+    out.add_argument('--output-path', type=str, default='rank-results',
+                     help='Writes <output-path>.csv and, with ground truth, <output-path>.json.')
+    out.add_argument('--round', action='store_true', help='Round scores to integers before metrics (ordinal targets).')
+    out.add_argument('--pairwise', action='store_true',
+                     help='Also rank each prompt\'s set with the pair head (mean pairwise win probability).')
+    out.add_argument('--contact-sheet', type=str, default=None, help='PNG of the ranked images per prompt.')
+    out.add_argument('--sheet-max-images', type=int, default=40, help='Thumbnails per prompt in the contact sheet.')
+    out.add_argument('--batch-size', type=int, default=64)
+    out.add_argument('--csv-separator', type=str, default='\t')
+    out.add_argument('--csv-img-key', type=str, default='filepath')
+    out.add_argument('--csv-caption-key', type=str, default='title')
+    out.add_argument('--csv-category-key', type=str, default='cname')
+    out.add_argument('--csv-value-key', type=str, default='value')
+    out.add_argument('--no-progress', action='store_true', help='No progress bar.')
+    return p
+
+
+def find_images(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder} is not a folder.")
+    images = sorted(str(p) for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}.")
+    return images
+
+
+def read_csv_rows(args):
+    """-> list of dicts with image, prompt, category, target (None when there is no value column)."""
+    import pandas as pd
+    if not os.path.isfile(args.csv):
+        raise FileNotFoundError(f"CSV {args.csv} does not exist.")
+    df = pd.read_csv(args.csv, sep=args.csv_separator)
+    for flag, column in (('--csv-img-key', args.csv_img_key), ('--csv-caption-key', args.csv_caption_key)):
+        if column not in df.columns:
+            raise ValueError(f"{args.csv} has no column '{column}' (columns: {list(df.columns)}); pass {flag}.")
+    has_value = args.csv_value_key in df.columns
+    has_category = args.csv_category_key in df.columns
+    rows = []
+    for _, r in df.iterrows():
+        rows.append({'image': str(r[args.csv_img_key]), 'prompt': str(r[args.csv_caption_key]),
+                     'category': str(r[args.csv_category_key]) if has_category else 'all',
+                     'target': float(r[args.csv_value_key]) if has_value else None})
+    return rows
+
+
+def _rank_within(rows, key='score', out='rank', group='prompt'):
+    from .inference import ranks_from_scores
+    import torch
+    groups = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r[group], []).append(i)
+    for indices in groups.values():
+        ranks = ranks_from_scores(torch.tensor([rows[i][key] for i in indices], dtype=torch.float64))
+        for i, rank in zip(indices, ranks.tolist()):
+            rows[i][out] = rank
+
+
+def score(args, model, transform, tokenizer):
+    """-> list of result rows (image, prompt, score[, pairwise_score], category, target) and skipped images."""
+    from .inference import pairwise_scores, score_images, score_rows
+    progress = not args.no_progress
+    if args.csv:
+        rows = read_csv_rows(args)
+        scores, skipped = score_rows(model, [r['image'] for r in rows], [r['prompt'] for r in rows], transform,
+                                     tokenizer, batch_size=args.batch_size, progress=progress)
+        for r, s in zip(rows, scores.tolist()):
+            r['score'] = s
+        skipped = [(rows[i]['image'], why) for i, why in skipped]
+    else:
+        images = find_images(args.images)
+        scores, skipped = score_images(model, images, args.prompt, transform, tokenizer,
+                                       batch_size=args.batch_size, progress=progress)
+        rows = [{'image': image, 'prompt': prompt, 'score': scores[i, t].item(), 'category': prompt, 'target': None}
+                for t, prompt in enumerate(args.prompt) for i, image in enumerate(images)]
+        skipped = [(images[i], why) for i, why in skipped]
+    if args.pairwise:
+        for prompt in dict.fromkeys(r['prompt'] for r in rows):
+            members = [r for r in rows if r['prompt'] == prompt]
+            pair, _ = pairwise_scores(model, [r['image'] for r in members], prompt, transform, tokenizer,
+                                      batch_size=args.batch_size, progress=progress)
+            for r, s in zip(members, pair.tolist()):
+                r['pairwise_score'] = s
+    return rows, skipped
+
+
+def write_results(rows, path, pairwise):
+    columns = ['image', 'prompt', 'score', 'rank'] + (['pairwise_score', 'pairwise_rank'] if pairwise else []) \
+        + ['category', 'target']
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns, delimiter=',', extrasaction='ignore')
+        writer.writeheader()
+        for r in sorted(rows, key=lambda r: (r['prompt'], r['rank'])):
+            writer.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def compute_metrics(rows, round_scores=False, key='score'):
+    import numpy as np
+    from .metrics import ranking_metrics, round_predictions
+    usable = [r for r in rows if r['target'] is not None and np.isfinite(r[key])]
+    if not usable:
+        return None
+    preds = np.array([r[key] for r in usable])
+    if round_scores:
+        preds = round_predictions(preds)
+    return ranking_metrics(preds, np.array([r['target'] for r in usable]), [r['category'] for r in usable])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
+    try:
+        if bool(args.csv) == bool(args.images):
+            raise ValueError("give exactly one input: --data-to-inference/--csv CSV or --images FOLDER.")
+        if args.images and not args.prompt:
+            raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
+        from .inference import load_rank_model
+        model, transform, tokenizer = load_rank_model(args.model, args.config_path, args.checkpoint_path,
+                                                      device=args.device, precision=args.precision)
+        rows, skipped = score(args, model, transform, tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
+        return 2
+    _rank_within(rows)
+    if args.pairwise:
+        _rank_within(rows, key='pairwise_score', out='pairwise_rank')
+    output = Path(args.output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_results(rows, output.with_suffix('.csv'), args.pairwise)
+    report = {'num_images': len({r['image'] for r in rows}), 'num_prompts': len({r['prompt'] for r in rows}),
+              'skipped': [{'image': image, 'reason': why} for image, why in skipped]}
+    metrics = compute_metrics(rows, args.round)
+    if metrics is not None:
+        report['metrics'] = metrics
+        if args.pairwise:
+            report['pairwise_metrics'] = compute_metrics(rows, args.round, key='pairwise_score')
+        from .metrics import format_metrics_table
+        print(format_metrics_table(metrics))
+    with open(output.with_suffix('.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    if skipped:
+        logging.warning(f"{len(skipped)} unreadable image(s) skipped; listed in {output.with_suffix('.json')}.")
+    if args.contact_sheet:
+        from .contact_sheet import make_contact_sheet
+        make_contact_sheet(rows, args.contact_sheet, max_images=args.sheet_max_images)
+        logging.info(f"Contact sheet: {args.contact_sheet}")
+    logging.info(f"Results: {output.with_suffix('.csv')} ({len(rows)} rows)")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""End-to-end: OpenCLIP's own training entry point trains and evaluates rank adapters."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_CONFIG_DIR, subprocess_env
+from rank_data_helpers import write_rank_csv
+
+
+@pytest.fixture(scope='module')
+def rank_csvs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('rankdata')
+    train = write_rank_csv(str(root), per_count=4, name='train.csv', weights=True)
+    val = write_rank_csv(str(root), per_count=1, seed=1, name='val.csv')
+    return train, val
+
+
+def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), timeout=300):
+    cmd = [*launcher, '--model', 'tiny-vit-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
+           '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0',
+           '--logs', str(logs), '--name', name, '--log-every-n-steps', '1', *args]
+    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _results(logs, name):
+    lines = (Path(logs) / name / 'results.jsonl').read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
+    train, val = rank_csvs
+    common = ['--train-data', train, '--val-data', val, '--epochs', '2', '--accum-freq', '2',
+              '--loss-opt', 'dual-head', '--loss-components', 'regression', 'rank', '--negative-ratio', '0.25',
+              '--lock-image', '--lock-text', '--grad-clip-norm', '1.0', '--save-frequency', '1']
+    result = _train(common, tmp_path, 'run')
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / 'run' / 'out.log').read_text()
+    assert 'Regression_loss' in log and 'Rank_loss' in log
+    assert 'Rank training data: 48 rows, 2 categories, 6 batches of 8 per process' in log
+    results = _results(tmp_path, 'run')
+    assert [r['epoch'] for r in results] == [1, 2]
+    for metric in ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'circle/srcc', 'square/pair_acc'):
+        assert metric in results[-1]
+    assert results[-1]['num_samples'] == 12
+    checkpoints = tmp_path / 'run' / 'checkpoints'
+    assert (checkpoints / 'epoch_1.pt').is_file() and (checkpoints / 'epoch_2.pt').is_file()
+
+    resumed = _train([*common, '--resume', str(checkpoints / 'epoch_1.pt')], tmp_path, 'resumed')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (tmp_path / 'resumed' / 'out.log').read_text()
+    assert 'Start epoch 1' in log and 'Start epoch 0' not in log
+    assert [r['epoch'] for r in _results(tmp_path, 'resumed')] == [2]
+
+
+def test_two_process_torchrun(rank_csvs, tmp_path):
+    train, val = rank_csvs
+    launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+                '-m', 'open_clip_train.main')
+    result = _train(['--train-data', train, '--val-data', val, '--epochs', '1', '--dist-backend', 'gloo',
+                     '--loss-opt', 'single-head', '--loss-components', 'rank', 'bce', '--negative-ratio', '0.25',
+                     '--save-frequency', '1'], tmp_path, 'ddp', launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / 'ddp' / 'out.log').read_text()
+    assert 'world size 2' in log or 'world_size: 2' in log
+    assert '3 batches of 8 per process' in log  # 48 rows / (8 x 2 processes)
+    results = _results(tmp_path, 'ddp')
+    assert len(results) == 1 and results[0]['num_samples'] == 12  # whole val set, evaluated once
+    assert (tmp_path / 'ddp' / 'checkpoints' / 'epoch_1.pt').is_file()
+
+
+def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
+    train, _ = rank_csvs
+    bad = tmp_path / 'bad.csv'
+    bad.write_text(Path(train).read_text().replace('value', 'score'))
+    result = _train(['--train-data', str(bad), '--epochs', '1'], tmp_path, 'bad')
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('open_clip_rank: error:') and "no column 'value'" in last and '--csv-value-key' in last
+    assert 'Start epoch' not in result.stdout + result.stderr
+
+
+def test_negative_ratio_out_of_range_is_a_usage_error(tmp_path, rank_csvs):
+    result = _train(['--train-data', rank_csvs[0], '--negative-ratio', '1.5'], tmp_path, 'ratio')
+    assert result.returncode == 2
+    assert '--negative-ratio must be in [0, 1), got 1.5' in result.stderr
