@@ -61,7 +61,7 @@ def make_contact_sheet(rows: List[Dict], path, max_images: int = 40, columns: in
             x0, y0 = PAD + col * (thumb + PAD), y + line * (thumb + LABEL + PAD)
             image = _thumbnail(row['image'], thumb)
             sheet.paste(image, (x0 + (thumb - image.width) // 2, y0 + (thumb - image.height) // 2))
-            draw.text((x0, y0 + thumb + 1), f"#{row[rank_key]} {row[score_key]:.2f}", fill=(40, 40, 40), font=font)
+            draw.text((x0, y0 + thumb + 1), f"#{row[rank_key]}:  {row[score_key]:.2f}", fill=(40, 40, 40), font=font)
         y += math.ceil(len(members) / columns) * (thumb + LABEL + PAD)
     sheet.save(path, format='PNG')
     return size

@@ -1,0 +1,133 @@
+"""Inference: the rank CLI and Python API on generated data with a checkpoint written by the test."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import open_clip
+from open_clip_rank.contact_sheet import sheet_size
+from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images, score_images
+from open_clip_rank.synthetic import make_counting_dataset, make_unreadable_image
+from conftest import TEST_CONFIG_DIR, subprocess_env
+
+MODEL = 'tiny-vit-adapter'
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp('rankcli')
+    data = make_counting_dataset(root, kinds=('circle', 'square'), max_count=4, train_per_count=1, val_per_count=2,
+                                 image_size=32, seed=5)
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL)
+    checkpoint = root / 'epoch_1.pt'
+    torch.save({'epoch': 1, 'name': 'test', 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}},
+               checkpoint)
+    config = root / 'model-config.json'  # the official inference script's config file
+    config.write_text(json.dumps({**open_clip.get_model_config(MODEL), 'model_version': 'clip-adapter-v2'}))
+    folder = root / 'folder'
+    folder.mkdir()
+    for i, path in enumerate(sorted(p for p in (root / 'images').glob('val_*.png'))[:6]):
+        (folder / f'img{i}.png').write_bytes(path.read_bytes())
+    make_unreadable_image(folder / 'broken.png')
+    return {**data, 'root': root, 'checkpoint': checkpoint, 'config': config, 'folder': folder}
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _direct_scores(dataset, images, prompt):
+    model, transform, tokenizer = load_rank_model(MODEL, checkpoint_path=str(dataset['checkpoint']), device='cpu')
+    batch = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
+    with torch.no_grad():
+        return model(batch, tokenizer([prompt] * len(images)))['rank_scores']
+
+
+def test_folder_cli_outputs_match_direct_model_calls(dataset, tmp_path):
+    out = tmp_path / 'ranked'
+    sheet = tmp_path / 'sheet.png'
+    prompts = ['Rank the numbers of circle.', 'Rank the numbers of square.']
+    cmd = [sys.executable, '-m', 'open_clip_rank.rank', '--model', MODEL, '--checkpoint-path',
+           str(dataset['checkpoint']), '--images', str(dataset['folder']), '--prompt', prompts[0], '--prompt',
+           prompts[1], '--output-path', str(out), '--contact-sheet', str(sheet), '--batch-size', '4', '--no-progress',
+           '--pairwise']
+    result = subprocess.run(cmd, env=subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _read_csv(out.with_suffix('.csv'))
+    assert list(rows[0]) == ['image', 'prompt', 'score', 'rank', 'pairwise_score', 'pairwise_rank', 'category',
+                             'target']
+    good = sorted(str(p) for p in dataset['folder'].glob('img*.png'))
+    for prompt in prompts:
+        mine = {r['image']: r for r in rows if r['prompt'] == prompt}
+        assert set(mine) == set(good) | {str(dataset['folder'] / 'broken.png')}
+        direct = _direct_scores(dataset, good, prompt)
+        got = torch.tensor([float(mine[p]['score']) for p in good])
+        torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-5)
+        order = [p for p in sorted(good, key=lambda p: int(mine[p]['rank']))]
+        assert order == [good[i] for i in torch.argsort(direct, descending=True).tolist()]
+        assert mine[str(dataset['folder'] / 'broken.png')]['rank'] == str(len(good) + 1)  # unreadable: last
+    report = json.loads(out.with_suffix('.json').read_text())
+    assert [s['image'] for s in report['skipped']] == [str(dataset['folder'] / 'broken.png')]
+    assert 'metrics' not in report  # no ground truth for a folder
+    with Image.open(sheet) as image:
+        assert image.format == 'PNG'
+        assert image.size == sheet_size([len(good) + 1, len(good) + 1])
+
+
+def test_csv_cli_with_official_flags_writes_metrics(dataset, tmp_path):
+    out = tmp_path / 'stats'
+    cmd = [sys.executable, 'scripts/inference.py', '--config-path', str(dataset['config']),
+           '--data-to-inference', dataset['val_csv'], '--checkpoint-path', str(dataset['checkpoint']),
+           '--output-path', str(out), '--is-ordinal-regression']
+    from conftest import REPO_ROOT
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.with_suffix('.json').read_text())
+    metrics = report['metrics']
+    for key in ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'circle/srcc', 'square/mae'):
+        assert key in metrics
+    rows = _read_csv(out.with_suffix('.csv'))
+    assert len(rows) == report['num_images'] == 2 * 5 * 2
+    assert all(r['target'] != '' for r in rows)
+    assert 'mean' in result.stdout  # the metrics table
+
+
+def test_python_api_and_pairwise(dataset):
+    model, transform, tokenizer = load_rank_model(MODEL, checkpoint_path=str(dataset['checkpoint']), device='cpu')
+    images = sorted(str(p) for p in dataset['folder'].glob('img*.png'))
+    ranked = rank_images(model, images, 'Rank the numbers of circle.', transform, tokenizer, batch_size=4)
+    assert [r['rank'] for r in ranked] == list(range(1, len(images) + 1))
+    assert all(a['score'] >= b['score'] for a, b in zip(ranked, ranked[1:]))
+    # pairwise: blockwise aggregation equals the mean win probability from the full pair matrix
+    scores, skipped = pairwise_scores(model, images, 'Rank the numbers of circle.', transform, tokenizer,
+                                      batch_size=4, block_size=2)
+    assert not skipped
+    batch = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
+    with torch.no_grad():
+        probs = torch.sigmoid(model(batch, tokenizer(['Rank the numbers of circle.'] * len(images)))['pair_logits'])
+    n = len(images)
+    expected = ((probs + 1 - probs.T).sum(1) - 1) / (2 * (n - 1))
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_are_clear(dataset, tmp_path):
+    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
+    base = [sys.executable, '-m', 'open_clip_rank.rank', '--images', str(dataset['folder']), '--prompt', 'x',
+            '--output-path', str(tmp_path / 'o')]
+    missing = subprocess.run(base + ['--model', MODEL, '--checkpoint-path', str(tmp_path / 'nope.pt')], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and 'nope.pt does not exist' in missing.stderr
+    fixture = dataset['root'] / 'other.pt'
+    other = open_clip.create_model('tiny-convnext-adapter')
+    torch.save(other.state_dict(), fixture)
+    mismatch = subprocess.run(base + ['--model', MODEL, '--checkpoint-path', str(fixture)], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert mismatch.returncode == 2 and 'does not fit this model' in mismatch.stderr.splitlines()[-1]
