@@ -10,6 +10,7 @@ independent of ``--workers`` (the official code kept a counter inside ``__getite
 Targets travel to the model inside ``RankTexts`` (tokens + targets), which OpenCLIP's training loop
 moves with ``texts.to(device)`` like a token tensor.
 """
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -242,13 +243,14 @@ class RankDataset(Dataset):
         return image, self.tokenize([caption])[0], target, category
 
 
-def collate_rank_batch(samples):
+def collate_rank_batch(samples, with_pairs: bool = True):
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
     images, tokens, targets, categories = zip(*samples)
     return torch.stack(images), RankTexts(
-        torch.stack(tokens), torch.tensor(targets, dtype=torch.float32), torch.tensor(categories, dtype=torch.long))
+        torch.stack(tokens), torch.tensor(targets, dtype=torch.float32), torch.tensor(categories, dtype=torch.long),
+        with_pairs)
 
 
 # --- transforms and loaders ---------------------------------------------------------------------
@@ -274,14 +276,17 @@ def _table_for(args, path, is_train):
         require_category=is_train, check_category_in_caption=is_train and args.negative_ratio > 0)
 
 
-def _loader(dataset, batch_sampler, args):
-    workers = args.workers
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_rank_batch,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+def _loader(dataset, batch_sampler, args, with_pairs=True):
+    collate = functools.partial(collate_rank_batch, with_pairs=with_pairs)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers, collate_fn=collate,
+                      pin_memory=torch.cuda.is_available())
 
 
-def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
-    """OpenCLIP-style ``{'train': DataInfo, 'val': DataInfo}`` for rank CSVs."""
+def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None, with_pairs=True):
+    """OpenCLIP-style ``{'train': DataInfo, 'val': DataInfo}`` for rank CSVs.
+
+    ``with_pairs=False`` (single-head loss) makes train batches skip the pair head in the forward pass.
+    """
     train_transform, val_transform = rank_transforms(preprocess_fns[1])
     data = {}
     if args.train_data:
@@ -289,7 +294,7 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
         shared_epoch = SharedEpoch(epoch)
         sampler = RankBatchSampler(table, args.batch_size, args.negative_ratio, seed=args.seed,
                                    rank=args.rank, world_size=args.world_size, shared_epoch=shared_epoch)
-        loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args)
+        loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args, with_pairs)
         loader.num_batches = len(sampler)
         loader.num_samples = len(sampler) * args.batch_size * args.world_size
         data['train'] = DataInfo(loader, shared_epoch=shared_epoch)
@@ -300,7 +305,7 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
         table = _table_for(args, args.val_data, is_train=False)
         dataset = RankDataset(table, val_transform, tokenizer, replace_unreadable=False)
         sampler = BatchSampler(SequentialSampler(dataset), args.batch_size, drop_last=False)
-        loader = _loader(dataset, sampler, args)
+        loader = _loader(dataset, sampler, args, with_pairs=False)
         loader.num_batches = len(sampler)
         loader.num_samples = len(table)
         info = DataInfo(loader)

@@ -123,7 +123,7 @@ def main(argv=None):
     print(f"\nMean validation SRCC {metrics['srcc']:.3f} ({'>=' if passed else '<'} {args.min_srcc}: "
           f"{'PASS' if passed else 'FAIL'})")
     print(f"Checkpoint:    {checkpoint}\nTraining log:  {run / 'out.log'}\n"
-          f"Per-epoch validation: {run / 'results.jsonl'}\nContact sheet: {sheet}\n"
+          f"Per-epoch validation: {run / 'checkpoints' / 'results.jsonl'}\nContact sheet: {sheet}\n"
           f"Rank your own images: python -m open_clip_rank.rank --model {DEMO_MODEL} --checkpoint-path {checkpoint} "
           f"--images FOLDER --prompt 'Rank the numbers of circle.'  (with OPEN_CLIP_RANK_MODEL_CONFIGS={config_dir})")
     return 0 if passed else 1

@@ -63,6 +63,7 @@ def register():
         _bootstrap.when_imported(f'{package}.params', _patch_params)
         _bootstrap.when_imported(f'{package}.data', _patch_data)
         _bootstrap.when_imported(f'{package}.train', _patch_train)
+        _bootstrap.when_imported(f'{package}.distributed', _patch_distributed)
     logging.debug('open_clip_rank registered with OpenCLIP')
 
 
@@ -147,12 +148,18 @@ def is_rank_model_name(model_name: str) -> bool:
     return 'adapter_cfg' in cfg
 
 
-def create_rank_loss(args):
-    """RankingLoss for ``--loss-opt`` (default single-head for adapter models, as the original); else None."""
-    from .losses import RankingLoss
+def resolved_loss_opt(args):
+    """``--loss-opt``, defaulting to single-head for adapter models (as the original); None otherwise."""
     loss_opt = getattr(args, 'loss_opt', None)
     if loss_opt is None and getattr(args, 'model', None) and is_rank_model_name(args.model):
         loss_opt = 'single-head'
+    return loss_opt
+
+
+def create_rank_loss(args):
+    """RankingLoss for rank training; None hands loss creation back to OpenCLIP."""
+    from .losses import RankingLoss
+    loss_opt = resolved_loss_opt(args)
     if loss_opt not in ('dual-head', 'single-head'):
         return None
     weights = {'rank': args.rank_loss_weight, 'regression': args.regression_loss_weight, 'bce': args.bce_loss_weight}
@@ -209,7 +216,8 @@ def _patch_data(module):
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         from .data import RankDataError, get_rank_data
         try:
-            data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            with_pairs = resolved_loss_opt(args) != 'single-head'
+            data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, with_pairs=with_pairs)
         except RankDataError as err:  # one clear line, before any training starts
             logging.error(str(err))
             raise SystemExit(f"open_clip_rank: error: {err}")
@@ -247,6 +255,42 @@ def _patch_train(module):
 
     evaluate._open_clip_rank = True
     module.evaluate = evaluate
+
+
+def _patch_distributed(module):
+    """CPU torchrun: OpenCLIP 3.3's main wraps the model as ``DistributedDataParallel(model,
+    device_ids=[device])``, which torch rejects for CPU modules. Once a CPU process group is up,
+    DDP is given a subclass that drops ``device_ids`` for CPU modules, the one case that would raise."""
+    if _is_ours(module.init_distributed_device) or not _from_openclip_checkout(module):
+        return
+    original = module.init_distributed_device
+
+    @functools.wraps(original)
+    def init_distributed_device(args):
+        device = original(args)
+        if args.distributed and device.type == 'cpu':
+            _allow_cpu_ddp_device_ids()
+        return device
+
+    init_distributed_device._open_clip_rank = True
+    module.init_distributed_device = init_distributed_device
+
+
+def _allow_cpu_ddp_device_ids():
+    import torch
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if getattr(ddp, '_open_clip_rank', False):
+        return
+
+    class DistributedDataParallel(ddp):
+        _open_clip_rank = True
+
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = DistributedDataParallel
 
 
 def _patch_params(module):

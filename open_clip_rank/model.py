@@ -144,6 +144,7 @@ class RankAdapterMixin:
         """
         if isinstance(text, RankTexts):  # a rank batch from open_clip_rank.data carries its targets
             targets = text.targets if targets is None else targets
+            with_pairs = with_pairs and text.with_pairs
             text = text.tokens
         image_tokens = self.encode_image_tokens(image)
         text_features, text_tokens = self.encode_text_tokens(text)

@@ -58,6 +58,9 @@ def validate_plugin_args(args):
             raise ValueError(f"--negative-ratio must be in [0, 1), got {args.negative_ratio}.")
         if args.dataset_type not in ('csv', 'auto'):
             raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv, got {args.dataset_type}.")
+        # A rank model uses the same parameters every step (e.g. never the pair head with single-head
+        # loss): DDP's static graph handles such unused parameters without find_unused_parameters.
+        args.ddp_static_graph = True
     if args.loss_opt is not None and args.train_data and args.csv_dataset_sample_type != 'rank':
         raise ValueError(f"--loss-opt {args.loss_opt} trains on targets: add --dataset-type csv "
                          f"--csv-dataset-sample-type rank (CSV with a '{args.csv_value_key}' column).")

@@ -13,6 +13,7 @@ class RankTexts(NamedTuple):
     tokens: torch.Tensor  # [N, context_length] token ids
     targets: torch.Tensor  # [N] float ranking targets
     category_ids: torch.Tensor  # [N] index into the dataset's category names
+    with_pairs: bool = True  # False when the loss needs no pair head (single-head): it is not run
 
     def to(self, *args, **kwargs):
-        return RankTexts(*(t.to(*args, **kwargs) for t in self))
+        return RankTexts(*(t.to(*args, **kwargs) if isinstance(t, torch.Tensor) else t for t in self))

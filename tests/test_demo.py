@@ -19,5 +19,5 @@ def test_demo_learns_to_rank_held_out_images(tmp_path):
     assert 'PASS' in result.stdout
     assert (out / 'logs' / 'demo' / 'checkpoints' / 'epoch_4.pt').is_file()
     assert (out / 'val_contact_sheet.png').is_file()
-    epochs = [json.loads(line) for line in (out / 'logs' / 'demo' / 'results.jsonl').read_text().splitlines()]
+    epochs = [json.loads(line) for line in (out / 'logs' / 'demo' / 'checkpoints' / 'results.jsonl').read_text().splitlines()]
     assert [e['epoch'] for e in epochs] == [1, 2, 3, 4]

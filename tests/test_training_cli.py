@@ -22,13 +22,16 @@ def rank_csvs(tmp_path_factory):
 def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), timeout=300):
     cmd = [*launcher, '--model', 'tiny-vit-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
            '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0',
-           '--logs', str(logs), '--name', name, '--log-every-n-steps', '1', *args]
+           '--name', name, '--log-every-n-steps', '1', *args]
     env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # no --logs flag: torchrun's own parser rejects it as an ambiguous prefix of its --logs-specs, so
+    # runs use OpenCLIP's default ./logs inside ``logs``
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, env=env, cwd=str(logs), capture_output=True, text=True, timeout=timeout)
 
 
 def _results(logs, name):
-    lines = (Path(logs) / name / 'results.jsonl').read_text().splitlines()
+    lines = (Path(logs) / 'logs' / name / 'checkpoints' / 'results.jsonl').read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -39,7 +42,7 @@ def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
               '--lock-image', '--lock-text', '--grad-clip-norm', '1.0', '--save-frequency', '1']
     result = _train(common, tmp_path, 'run')
     assert result.returncode == 0, result.stderr[-3000:]
-    log = (tmp_path / 'run' / 'out.log').read_text()
+    log = (tmp_path / 'logs' / 'run' / 'out.log').read_text()
     assert 'Regression_loss' in log and 'Rank_loss' in log
     assert 'Rank training data: 48 rows, 2 categories, 6 batches of 8 per process' in log
     results = _results(tmp_path, 'run')
@@ -47,12 +50,12 @@ def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
     for metric in ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'circle/srcc', 'square/pair_acc'):
         assert metric in results[-1]
     assert results[-1]['num_samples'] == 12
-    checkpoints = tmp_path / 'run' / 'checkpoints'
+    checkpoints = tmp_path / 'logs' / 'run' / 'checkpoints'
     assert (checkpoints / 'epoch_1.pt').is_file() and (checkpoints / 'epoch_2.pt').is_file()
 
     resumed = _train([*common, '--resume', str(checkpoints / 'epoch_1.pt')], tmp_path, 'resumed')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = (tmp_path / 'resumed' / 'out.log').read_text()
+    log = (tmp_path / 'logs' / 'resumed' / 'out.log').read_text()
     assert 'Start epoch 1' in log and 'Start epoch 0' not in log
     assert [r['epoch'] for r in _results(tmp_path, 'resumed')] == [2]
 
@@ -65,12 +68,12 @@ def test_two_process_torchrun(rank_csvs, tmp_path):
                      '--loss-opt', 'single-head', '--loss-components', 'rank', 'bce', '--negative-ratio', '0.25',
                      '--save-frequency', '1'], tmp_path, 'ddp', launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = (tmp_path / 'ddp' / 'out.log').read_text()
+    log = (tmp_path / 'logs' / 'ddp' / 'out.log').read_text()
     assert 'world size 2' in log or 'world_size: 2' in log
     assert '3 batches of 8 per process' in log  # 48 rows / (8 x 2 processes)
     results = _results(tmp_path, 'ddp')
     assert len(results) == 1 and results[0]['num_samples'] == 12  # whole val set, evaluated once
-    assert (tmp_path / 'ddp' / 'checkpoints' / 'epoch_1.pt').is_file()
+    assert (tmp_path / 'logs' / 'ddp' / 'checkpoints' / 'epoch_1.pt').is_file()
 
 
 def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
@@ -79,8 +82,8 @@ def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
     bad.write_text(Path(train).read_text().replace('value', 'score'))
     result = _train(['--train-data', str(bad), '--epochs', '1'], tmp_path, 'bad')
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('open_clip_rank: error:') and "no column 'value'" in last and '--csv-value-key' in last
+    errors = [line for line in result.stderr.splitlines() if line.startswith('open_clip_rank: error:')]
+    assert len(errors) == 1 and "no column 'value'" in errors[0] and '--csv-value-key' in errors[0]
     assert 'Start epoch' not in result.stdout + result.stderr
 
 
