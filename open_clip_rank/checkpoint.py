@@ -19,6 +19,8 @@ from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed,
 
 from .model import FRESH_PREFIXES
 
+_logger = logging.getLogger(__name__)
+
 LoadReport = namedtuple('LoadReport', ['missing_keys', 'unexpected_keys', 'fresh_keys', 'full_checkpoint'])
 
 
@@ -102,10 +104,10 @@ def load_rank_state_dict(model, state_dict, source='checkpoint', strict=True) ->
 
     model.load_state_dict(state_dict, strict=False)
     if fresh:
-        logging.info(f"Loaded base weights from {source}; {len(fresh)} parameters start fresh: "
+        _logger.info(f"Loaded base weights from {source}; {len(fresh)} parameters start fresh: "
                      f"{_summarise_prefixes(fresh)}.")
     if unexpected:
-        logging.info(f"{len(unexpected)} weights in {source} are not used by this model: "
+        _logger.info(f"{len(unexpected)} weights in {source} are not used by this model: "
                      f"{_summarise_prefixes(unexpected)}.")
     return LoadReport(missing, unexpected, fresh, full)
 

@@ -26,6 +26,8 @@ from open_clip_train.data import DataInfo, SharedEpoch
 
 from .rank_batch import RankTexts
 
+_logger = logging.getLogger(__name__)
+
 
 class RankDataError(ValueError):
     """Bad rank data, found before training starts."""
@@ -221,7 +223,7 @@ class RankDataset(Dataset):
                 return self.transform(image.convert('RGB'))
         except Exception as err:  # unreadable or truncated file: skip, count, keep training
             self.num_skipped += 1
-            logging.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
+            _logger.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
                             f"{self.num_skipped} skipped so far in this data worker.")
             return None
 
@@ -298,7 +300,7 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None, with_pairs=True
         loader.num_batches = len(sampler)
         loader.num_samples = len(sampler) * args.batch_size * args.world_size
         data['train'] = DataInfo(loader, shared_epoch=shared_epoch)
-        logging.info(f"Rank training data: {len(table)} rows, {len(table.category_names)} categories, "
+        _logger.info(f"Rank training data: {len(table)} rows, {len(table.category_names)} categories, "
                      f"{len(sampler)} batches of {args.batch_size} per process per epoch "
                      f"({sampler.num_negatives} negatives per batch).")
     if args.val_data:

@@ -13,6 +13,8 @@ import torch
 
 from .metrics import ranking_metrics
 
+_logger = logging.getLogger(__name__)
+
 
 def unwrap(model):
     return getattr(model, 'module', model)
@@ -55,7 +57,7 @@ def evaluate_ranking(model, data, epoch, args, tb_writer=None):
     names = info.table.category_names
     metrics = ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
     metrics = {'epoch': epoch, **metrics}
-    logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    _logger.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     _report(metrics, epoch, args, tb_writer)
     return metrics
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from . import _bootstrap
 
+_logger = logging.getLogger(__name__)
+
 
 
 def _find_config_dir() -> Path:
@@ -64,7 +66,7 @@ def register():
         _bootstrap.when_imported(f'{package}.data', _patch_data)
         _bootstrap.when_imported(f'{package}.train', _patch_train)
         _bootstrap.when_imported(f'{package}.distributed', _patch_distributed)
-    logging.debug('open_clip_rank registered with OpenCLIP')
+    _logger.debug('open_clip_rank registered with OpenCLIP')
 
 
 def _register_model_configs(open_clip):
@@ -219,7 +221,7 @@ def _patch_data(module):
             with_pairs = resolved_loss_opt(args) != 'single-head'
             data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, with_pairs=with_pairs)
         except RankDataError as err:  # one clear line, before any training starts
-            logging.error(str(err))
+            _logger.error(str(err))
             raise SystemExit(f"open_clip_rank: error: {err}")
         if args.imagenet_val is not None or args.imagenet_v2 is not None:
             data.update({k: v for k, v in original(_without_csv(args), preprocess_fns, epoch, tokenizer).items()

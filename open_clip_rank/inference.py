@@ -20,6 +20,8 @@ import open_clip
 from .data import rank_transforms
 from .model import is_rank_adapter
 
+_logger = logging.getLogger(__name__)
+
 ImageLike = Union[str, os.PathLike, Image.Image]
 
 
@@ -80,7 +82,7 @@ def load_images(images: Sequence[ImageLike], transform):
             kept.append(index)
         except Exception as err:
             skipped.append((index, f'{type(err).__name__}: {err}'))
-            logging.warning(f"Skipping unreadable image {image} ({type(err).__name__}: {err}).")
+            _logger.warning(f"Skipping unreadable image {image} ({type(err).__name__}: {err}).")
     return tensors, kept, skipped
 
 

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+_logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 
 
@@ -177,12 +179,12 @@ def main(argv=None):
     with open(output.with_suffix('.json'), 'w') as f:
         json.dump(report, f, indent=2)
     if skipped:
-        logging.warning(f"{len(skipped)} unreadable image(s) skipped; listed in {output.with_suffix('.json')}.")
+        _logger.warning(f"{len(skipped)} unreadable image(s) skipped; listed in {output.with_suffix('.json')}.")
     if args.contact_sheet:
         from .contact_sheet import make_contact_sheet
         make_contact_sheet(rows, args.contact_sheet, max_images=args.sheet_max_images)
-        logging.info(f"Contact sheet: {args.contact_sheet}")
-    logging.info(f"Results: {output.with_suffix('.csv')} ({len(rows)} rows)")
+        _logger.info(f"Contact sheet: {args.contact_sheet}")
+    _logger.info(f"Results: {output.with_suffix('.csv')} ({len(rows)} rows)")
     return 0
 
 

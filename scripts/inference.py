@@ -13,6 +13,8 @@ import sys
 
 from open_clip_rank.rank import main as rank_main
 
+_logger = logging.getLogger(__name__)
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -29,7 +31,7 @@ def parse(argv=None):
 def main(argv=None):
     args, extra = parse(argv)
     if args.base_model_name or args.image_size:
-        logging.warning('--base-model-name / --image-size are taken from --config-path; the values given are ignored.')
+        _logger.warning('--base-model-name / --image-size are taken from --config-path; the values given are ignored.')
     output = args.output_path[:-5] if args.output_path.endswith('.json') else args.output_path
     forwarded = ['--config-path', args.config_path, '--data-to-inference', args.data_to_inference,
                  '--output-path', output, *extra]

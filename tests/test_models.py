@@ -212,3 +212,15 @@ def test_shipped_derived_tags_resolve_to_base():
                                ('convnext_base_w_224-adapter', 'convnext_base_w', 'laion2b_s13b_b82k')):
         cfg = open_clip.get_pretrained_cfg(derived, tag)
         assert cfg and cfg is open_clip.get_pretrained_cfg(base, tag)
+
+
+def test_local_dir_config_with_adapter_cfg_builds_and_loads(tmp_path):
+    torch.manual_seed(4)
+    trained = open_clip.create_model('tiny-vit-adapter')
+    (tmp_path / 'open_clip_config.json').write_text(json.dumps(
+        {'model_cfg': open_clip.get_model_config('tiny-vit-adapter'), 'preprocess_cfg': {}}))
+    torch.save(trained.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
+    model = open_clip.create_model(f'local-dir:{tmp_path}')
+    assert isinstance(model, RankAdapterCLIP)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

@@ -1,26 +1,11 @@
 """The factorised pair head equals the official N*N concatenated-softmax form, without its memory."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from open_clip.transformer import LayerNorm
 from open_clip_rank.adapter import RankAwarePairAttention
-
-
-def official_pair_attention(module, queries, tokens):
-    """Restatement of the official MultiHeadRankawareAttentionV2: softmax over [k_i; k_j] for every pair."""
-    n, p, d = tokens.shape
-    h, dh = module.num_heads, module.d_head
-    q = module.ln_q(module.q_proj(queries)).view(1, -1, h, dh).transpose(1, 2)  # [1, H, Q, dh]
-    kv = module.ln_kv(module.kv_proj(tokens)).view(n, p, h, dh).transpose(1, 2)  # [N, H, P, dh]
-    q = q.expand(n * n, -1, -1, -1)
-    kv_pair = torch.cat([kv.repeat_interleave(n, dim=0), kv.repeat(n, 1, 1, 1)], dim=2)  # row i*N+j: [k_i; k_j]
-    attn = F.softmax(torch.einsum('bhqd,bhpd->bhqp', q, kv_pair) * module.scale, dim=-1)
-    values = (torch.einsum('bhqp,bhpd->bhqd', attn[..., :p], kv_pair[:, :, :p])
-              - torch.einsum('bhqp,bhpd->bhqd', attn[..., p:], kv_pair[:, :, p:]))
-    values = values.transpose(1, 2).reshape(n * n, -1, d)
-    return module.out_proj(values).sum(dim=1).view(n, n, d)
+from open_clip_rank.reference import quadratic_pair_attention as official_pair_attention
 
 
 @pytest.mark.parametrize('n,p,d,heads,q', [(5, 7, 32, 4, 3), (12, 16, 64, 8, 4), (1, 3, 16, 2, 2)])

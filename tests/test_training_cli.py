@@ -40,7 +40,7 @@ def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
     common = ['--train-data', train, '--val-data', val, '--epochs', '2', '--accum-freq', '2',
               '--loss-opt', 'dual-head', '--loss-components', 'regression', 'rank', '--negative-ratio', '0.25',
               '--lock-image', '--lock-text', '--grad-clip-norm', '1.0', '--save-frequency', '1']
-    result = _train(common, tmp_path, 'run')
+    result = _train([*common, '--grad-checkpointing'], tmp_path, 'run')
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / 'logs' / 'run' / 'out.log').read_text()
     assert 'Regression_loss' in log and 'Rank_loss' in log
@@ -53,7 +53,8 @@ def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
     checkpoints = tmp_path / 'logs' / 'run' / 'checkpoints'
     assert (checkpoints / 'epoch_1.pt').is_file() and (checkpoints / 'epoch_2.pt').is_file()
 
-    resumed = _train([*common, '--resume', str(checkpoints / 'epoch_1.pt')], tmp_path, 'resumed')
+    resumed = _train([*common, '--resume', str(checkpoints / 'epoch_1.pt'), '--precision', 'amp_bf16'],
+                     tmp_path, 'resumed')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (tmp_path / 'logs' / 'resumed' / 'out.log').read_text()
     assert 'Start epoch 1' in log and 'Start epoch 0' not in log
