@@ -11,18 +11,24 @@ What is extended:
   ``adapter_cfg`` (built-in, ``local-dir:`` and ``hf-hub:`` configs alike);
 * weights: ``load_checkpoint`` dispatches rank-adapter models to ``checkpoint.load_rank_checkpoint``;
 * pretrained tags: ``<base>-adapter`` gets the pretrained entries of ``<base>``;
-* the training CLI (``open_clip_train.*`` and the source-checkout ``training.*``): ``parse_args``
-  gains the plugin's flags, patched when those modules are first imported.
+* ``create_loss``: a ``RankingLoss`` for ``--loss-opt`` (and by default for adapter models);
+* the training CLI (``open_clip_train.*`` and the source-checkout ``training.*``), patched when those
+  modules are first imported: ``parse_args`` gains the plugin's flags, ``get_data`` builds rank data for
+  ``--csv-dataset-sample-type rank``, ``evaluate`` reports ranking metrics for rank validation data, and
+  ``init_distributed_device`` lets CPU (gloo) runs wrap the model in DDP.
 """
+import copy
 import functools
+import json
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 
 from . import _bootstrap
 
 _logger = logging.getLogger(__name__)
-
 
 
 def _find_config_dir() -> Path:
@@ -42,6 +48,7 @@ BASE_MODEL_ALIASES = {
     'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
 }
 TRAINING_PACKAGES = ('open_clip_train', 'training')
+TRAINING_MODULES = ('params', 'data', 'train', 'distributed')
 # Extra model-config folders (os.pathsep-separated) registered with OpenCLIP, e.g. for your own configs.
 EXTRA_CONFIGS_ENV = 'OPEN_CLIP_RANK_MODEL_CONFIGS'
 
@@ -62,15 +69,12 @@ def register():
     _patch_factory(open_clip, factory)
     register_derived_pretrained()
     for package in TRAINING_PACKAGES:
-        _bootstrap.when_imported(f'{package}.params', _patch_params)
-        _bootstrap.when_imported(f'{package}.data', _patch_data)
-        _bootstrap.when_imported(f'{package}.train', _patch_train)
-        _bootstrap.when_imported(f'{package}.distributed', _patch_distributed)
+        for module in TRAINING_MODULES:
+            _bootstrap.when_imported(f'{package}.{module}', _patch_training_module)
     _logger.debug('open_clip_rank registered with OpenCLIP')
 
 
 def _register_model_configs(open_clip):
-    import os
     open_clip.add_model_config(CONFIG_DIR)
     for folder in filter(None, os.environ.get(EXTRA_CONFIGS_ENV, '').split(os.pathsep)):
         if not Path(folder).exists():
@@ -102,7 +106,7 @@ def _patch_factory(open_clip, factory):
     from .checkpoint import load_rank_checkpoint
     from .model import RankAdapterCLIP, RankAdapterCustomTextCLIP, is_rank_adapter
 
-    for name in ('CLIP', 'CustomTextCLIP', 'load_checkpoint', 'create_model'):
+    for name in ('CLIP', 'CustomTextCLIP', 'load_checkpoint', 'create_loss'):
         if not hasattr(factory, name):
             raise RuntimeError(
                 f"open_clip.factory.{name} is missing: this OpenCLIP version ({open_clip.__version__}) is not "
@@ -134,7 +138,6 @@ def _patch_factory(open_clip, factory):
 
 def is_rank_model_name(model_name: str) -> bool:
     """Does this model name (built-in, local-dir: or hf-hub:) resolve to a config with adapter_cfg?"""
-    import json
     import open_clip
     from open_clip.factory import parse_model_name
     schema, identifier = parse_model_name(model_name)
@@ -199,25 +202,32 @@ def _is_ours(fn):
 
 def _from_openclip_checkout(module):
     """``training.*`` only counts when it is OpenCLIP's source-checkout package."""
-    import sys
     return not module.__name__.startswith('training.') or _bootstrap._is_openclip_checkout(sys.modules['training'])
+
+
+def _replace(module, name, make_wrapper):
+    """``module.name = make_wrapper(original)``: once, and only in OpenCLIP's own training package."""
+    original = getattr(module, name)
+    if _is_ours(original) or not _from_openclip_checkout(module):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper._open_clip_rank = True
+    setattr(module, name, wrapper)
 
 
 def uses_rank_data(args) -> bool:
     return getattr(args, 'csv_dataset_sample_type', 'default') == 'rank'
 
 
-def _patch_data(module):
-    if _is_ours(module.get_data) or not _from_openclip_checkout(module):
-        return
-    original = module.get_data
-
-    @functools.wraps(original)
+def _rank_get_data(original):
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         if not uses_rank_data(args):
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         from .data import RankDataError, get_rank_data
         try:
+            if not is_rank_model_name(args.model):
+                raise RankDataError(f"--csv-dataset-sample-type rank trains ranking models, but --model {args.model} "
+                                    f"has no adapter_cfg; use a *-adapter model (open_clip.list_models()).")
             with_pairs = resolved_loss_opt(args) != 'single-head'
             data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, with_pairs=with_pairs)
         except RankDataError as err:  # one clear line, before any training starts
@@ -228,54 +238,40 @@ def _patch_data(module):
                          if k.startswith('imagenet')})
         return data
 
-    get_data._open_clip_rank = True
-    module.get_data = get_data
+    return get_data
 
 
 def _without_csv(args):
-    import copy
     args = copy.copy(args)
     args.train_data = args.val_data = None
     return args
 
 
-def _patch_train(module):
-    if _is_ours(module.evaluate) or not _from_openclip_checkout(module):
-        return
-    original = module.evaluate
-
-    @functools.wraps(original)
+def _rank_evaluate(original):
     def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
-        if getattr(data.get('val'), 'rank_eval', False):
-            from .evaluate import evaluate_ranking
-            metrics = evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer)
-            others = {k: v for k, v in data.items() if k != 'val'}
-            if any(k.startswith('imagenet') for k in others):
-                metrics.update(original(model, others, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer))
-            return metrics
-        return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+        if not getattr(data.get('val'), 'rank_eval', False):
+            return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+        from .evaluate import evaluate_ranking
+        metrics = evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer)
+        others = {k: v for k, v in data.items() if k != 'val'}
+        if any(k.startswith('imagenet') for k in others):
+            metrics.update(original(model, others, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer))
+        return metrics
 
-    evaluate._open_clip_rank = True
-    module.evaluate = evaluate
+    return evaluate
 
 
-def _patch_distributed(module):
+def _cpu_ddp_init_distributed_device(original):
     """CPU torchrun: OpenCLIP 3.3's main wraps the model as ``DistributedDataParallel(model,
     device_ids=[device])``, which torch rejects for CPU modules. Once a CPU process group is up,
     DDP is given a subclass that drops ``device_ids`` for CPU modules, the one case that would raise."""
-    if _is_ours(module.init_distributed_device) or not _from_openclip_checkout(module):
-        return
-    original = module.init_distributed_device
-
-    @functools.wraps(original)
     def init_distributed_device(args):
         device = original(args)
         if args.distributed and device.type == 'cpu':
             _allow_cpu_ddp_device_ids()
         return device
 
-    init_distributed_device._open_clip_rank = True
-    module.init_distributed_device = init_distributed_device
+    return init_distributed_device
 
 
 def _allow_cpu_ddp_device_ids():
@@ -295,8 +291,10 @@ def _allow_cpu_ddp_device_ids():
     torch.nn.parallel.DistributedDataParallel = DistributedDataParallel
 
 
-def _patch_params(module):
+def _patch_training_module(module):
     from .params import wrap_parse_args
-    if _is_ours(module.parse_args) or not _from_openclip_checkout(module):
-        return
-    module.parse_args = wrap_parse_args(module.parse_args)
+    short = module.__name__.split('.', 1)[1]
+    name, make_wrapper = {'params': ('parse_args', wrap_parse_args), 'data': ('get_data', _rank_get_data),
+                          'train': ('evaluate', _rank_evaluate),
+                          'distributed': ('init_distributed_device', _cpu_ddp_init_distributed_device)}[short]
+    _replace(module, name, make_wrapper)

@@ -6,7 +6,6 @@ wrapper first takes the plugin's own flags out of the argument list (a separate 
 merges the two namespaces. ``--help`` prints OpenCLIP's help followed by the plugin's section.
 """
 import argparse
-import functools
 import sys
 
 
@@ -68,7 +67,6 @@ def validate_plugin_args(args):
 
 
 def wrap_parse_args(original):
-    @functools.wraps(original)
     def parse_args(args):
         args = sys.argv[1:] if args is None else list(args)
         parser = plugin_parser()
@@ -87,5 +85,4 @@ def wrap_parse_args(original):
         except ValueError as err:
             parser.error(str(err))
 
-    parse_args._open_clip_rank = True
     return parse_args
