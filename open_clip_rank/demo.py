@@ -86,14 +86,14 @@ def rank_validation(data, checkpoint: Path, out: Path):
     from .inference import load_rank_model, score_rows
     from .contact_sheet import make_contact_sheet
     from .metrics import ranking_metrics
-    from .rank import _rank_within
+    from .rank import rank_within_prompts
     import pandas as pd
     model, transform, tokenizer = load_rank_model(DEMO_MODEL, checkpoint_path=str(checkpoint), device='cpu')
     df = pd.read_csv(data['val_csv'], sep='\t')
     scores, _ = score_rows(model, df.filepath.tolist(), df.title.tolist(), transform, tokenizer)
     metrics = ranking_metrics(scores.numpy(), df.value.to_numpy(float), df.cname.tolist())
     rows = [{'image': p, 'prompt': t, 'score': s} for p, t, s in zip(df.filepath, df.title, scores.tolist())]
-    _rank_within(rows)
+    rank_within_prompts(rows)
     sheet = out / 'val_contact_sheet.png'
     make_contact_sheet(rows, sheet, max_images=20)
     return metrics, sheet

@@ -5,12 +5,13 @@ then the adapter's scores-only path for each (image, prompt): the pair head is n
 ``pairwise_scores`` optionally re-ranks a set with the pair head, blockwise, from per-image
 summaries (see ``adapter.RankAwarePairAttention``), so thousands of images fit in memory.
 """
+import contextlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -115,15 +116,15 @@ def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequenc
                  batch_size: int = 64, device=None, progress: bool = False, autocast_dtype=None):
     """Scores [num_images, num_prompts] (NaN for unreadable images) and the list of skipped (index, reason).
 
-    ``prompts`` is one prompt for all images, a list of prompts (every image under each), or, when
-    ``per_image`` lengths match and a list of lists is given, not supported: use one call per prompt.
+    ``prompts`` is one prompt or a list of prompts; every image is scored under each. For one prompt per
+    image (a CSV's rows) use ``score_rows``.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     _, text_tokens = model.encode_text_tokens(tokenizer(prompts).to(device))  # [T, L, D], once per prompt
     scores = torch.full((len(images), len(prompts)), float('nan'))
     skipped = []
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _nullcontext()
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'scoring'):
         skipped += bad
         if batch is None:
@@ -135,14 +136,6 @@ def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequenc
                 fused = model.adapter.fuse(image_tokens, text)
                 scores[kept, t] = model.adapter.scores(fused).float().cpu()
     return scores, skipped
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.inference_mode()

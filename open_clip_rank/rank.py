@@ -84,7 +84,7 @@ def read_csv_rows(args):
     return rows
 
 
-def _rank_within(rows, key='score', out='rank', group='prompt'):
+def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
     from .inference import ranks_from_scores
     import torch
     groups = {}
@@ -161,9 +161,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as err:
         print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
         return 2
-    _rank_within(rows)
+    rank_within_prompts(rows)
     if args.pairwise:
-        _rank_within(rows, key='pairwise_score', out='pairwise_rank')
+        rank_within_prompts(rows, key='pairwise_score', out='pairwise_rank')
     output = Path(args.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_results(rows, output.with_suffix('.csv'), args.pairwise)

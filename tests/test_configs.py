@@ -1,6 +1,5 @@
 """Every shipped config is an official *-adapter config that builds (on the meta device)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

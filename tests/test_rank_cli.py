@@ -4,14 +4,13 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import open_clip
 from open_clip_rank.contact_sheet import sheet_size
-from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images, score_images
+from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images
 from open_clip_rank.synthetic import make_counting_dataset, make_unreadable_image
 from conftest import TEST_CONFIG_DIR, subprocess_env
 

@@ -1,6 +1,5 @@
 """End-to-end: OpenCLIP's own training entry point trains and evaluates rank adapters."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
