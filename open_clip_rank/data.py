@@ -41,7 +41,7 @@ class RankTable:
     captions: List[str]
     category_ids: np.ndarray  # [rows] int
     category_names: List[str]  # sorted
-    values: np.ndarray  # [rows] float
+    values: Optional[np.ndarray]  # [rows] float; None for inference CSVs without ground truth
     weights: Optional[np.ndarray]  # [rows] float or None
     source: str
 
@@ -57,10 +57,24 @@ def _preview(items, limit=3):
     return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
 
 
+def _checked_values(df, path, value_key) -> np.ndarray:
+    import pandas as pd
+    values = pd.to_numeric(df[value_key], errors='coerce').to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        examples = [f"row {i + 2}: {df[value_key].iloc[i]!r}" for i in bad[:3]]
+        raise RankDataError(f"{path} column '{value_key}' must be numeric and finite; {len(bad)} bad value(s): "
+                            f"{_preview(examples)}.")
+    return values
+
+
 def load_rank_table(path, img_key='filepath', caption_key='title', value_key='value', category_key='cname',
-                    weight_key='sample_weights_by_class', sep='\t', require_category=True,
+                    weight_key='sample_weights_by_class', sep='\t', require_category=True, require_value=True,
                     check_category_in_caption=False, check_files=True) -> RankTable:
-    """Read and validate a rank CSV; every problem is one clear ``RankDataError``."""
+    """Read and validate a rank CSV; every problem is one clear ``RankDataError``.
+
+    Inference reads the same format with ``require_value=False`` (no ground truth: ``values`` is None).
+    """
     import pandas as pd
     if not os.path.isfile(path):
         raise RankDataError(f"CSV file {path} does not exist.")
@@ -70,7 +84,9 @@ def load_rank_table(path, img_key='filepath', caption_key='title', value_key='va
         raise RankDataError(f"{path} is empty; it needs a header row and at least one data row.")
     if len(df) == 0:
         raise RankDataError(f"{path} has a header but no data rows.")
-    needed = {'--csv-img-key': img_key, '--csv-caption-key': caption_key, '--csv-value-key': value_key}
+    needed = {'--csv-img-key': img_key, '--csv-caption-key': caption_key}
+    if require_value:
+        needed['--csv-value-key'] = value_key
     if require_category:
         needed['--csv-category-key'] = category_key
     for flag, column in needed.items():
@@ -80,12 +96,9 @@ def load_rank_table(path, img_key='filepath', caption_key='title', value_key='va
                 f"{path} has no column '{column}' (columns: {list(df.columns)}); rank data needs it: "
                 f"rename the column or pass {flag}{hint}.")
 
-    values = pd.to_numeric(df[value_key], errors='coerce').to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(values))
-    if len(bad):
-        examples = [f"row {i + 2}: {df[value_key].iloc[i]!r}" for i in bad[:3]]
-        raise RankDataError(f"{path} column '{value_key}' must be numeric and finite; {len(bad)} bad value(s): "
-                            f"{_preview(examples)}.")
+    values = None
+    if value_key in df.columns:
+        values = _checked_values(df, path, value_key)
 
     paths = [str(p) for p in df[img_key].tolist()]
     if check_files:

@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -66,22 +65,17 @@ def find_images(folder):
 
 
 def read_csv_rows(args):
-    """-> list of dicts with image, prompt, category, target (None when there is no value column)."""
-    import pandas as pd
-    if not os.path.isfile(args.csv):
-        raise FileNotFoundError(f"CSV {args.csv} does not exist.")
-    df = pd.read_csv(args.csv, sep=args.csv_separator)
-    for flag, column in (('--csv-img-key', args.csv_img_key), ('--csv-caption-key', args.csv_caption_key)):
-        if column not in df.columns:
-            raise ValueError(f"{args.csv} has no column '{column}' (columns: {list(df.columns)}); pass {flag}.")
-    has_value = args.csv_value_key in df.columns
-    has_category = args.csv_category_key in df.columns
-    rows = []
-    for _, r in df.iterrows():
-        rows.append({'image': str(r[args.csv_img_key]), 'prompt': str(r[args.csv_caption_key]),
-                     'category': str(r[args.csv_category_key]) if has_category else 'all',
-                     'target': float(r[args.csv_value_key]) if has_value else None})
-    return rows
+    """-> list of dicts with image, prompt, category, target (None when there is no value column).
+
+    Same reader and checks as training data; images are not required to exist (unreadable ones are skipped).
+    """
+    from .data import load_rank_table
+    table = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                            value_key=args.csv_value_key, category_key=args.csv_category_key, weight_key=None,
+                            sep=args.csv_separator, require_category=False, require_value=False, check_files=False)
+    targets = [None] * len(table) if table.values is None else table.values.tolist()
+    return [{'image': path, 'prompt': prompt, 'category': table.category_names[c], 'target': target}
+            for path, prompt, c, target in zip(table.paths, table.captions, table.category_ids.tolist(), targets)]
 
 
 def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
