@@ -9,13 +9,16 @@ from .version import __version__
 
 _LAZY = {
     'register': 'hook',
-    'AdapterCfg': 'adapter',
-    'RankAdapter': 'adapter',
-    'RankAdapterCLIP': 'model',
-    'RankAdapterCustomTextCLIP': 'model',
-    'is_rank_adapter': 'model',
-    'load_rank_checkpoint': 'checkpoint',
-    'CheckpointMismatchError': 'checkpoint',
+    'FAMILIES': 'registry',
+    'RankFamily': 'registry',
+    'family_for_model': 'registry',
+    'RankModel': 'models.base',
+    'RankTexts': 'models.base',
+    'AdapterCfg': 'models.adapter_layers',
+    'RankAdapter': 'models.adapter_layers',
+    'RankAdapterCLIP': 'models.adapter',
+    'RankAdapterCustomTextCLIP': 'models.adapter',
+    'CheckpointMismatchError': 'models.checkpoint',
 }
 
 __all__ = ['__version__', *_LAZY]

@@ -1,9 +1,10 @@
 """Validation of rank models inside OpenCLIP's training loop (``--val-data`` with rank sampling).
 
-Runs on the master process over the whole validation set exactly once (like OpenCLIP's own
-``evaluate``, which also evaluates unsharded on rank 0), with the cheap scores-only path, and
-reports per-category and mean SRCC, KRCC, PLCC, MAE and pairwise accuracy to the log,
-tensorboard, wandb and ``results.jsonl``, as OpenCLIP reports its own validation metrics.
+Runs on the master process over the whole validation set exactly once, on OpenCLIP's validation
+schedule (like its own ``evaluate``, which also evaluates unsharded on rank 0), with the rank-model
+protocol's scores-only path (``rank_scores``), and reports per-category and mean SRCC, KRCC, PLCC,
+MAE and pairwise accuracy to the log, tensorboard, wandb and ``results.jsonl``, as OpenCLIP reports
+its own validation metrics.
 """
 import json
 import logging
@@ -11,13 +12,11 @@ import os
 
 import torch
 
+from .compat import openclip_evaluates_val
 from .metrics import ranking_metrics
+from .models.base import unwrap
 
 _logger = logging.getLogger(__name__)
-
-
-def unwrap(model):
-    return getattr(model, 'module', model)
 
 
 @torch.inference_mode()
@@ -48,7 +47,7 @@ def evaluate_ranking(model, data, epoch, args, tb_writer=None):
     if not is_master(args):
         return {}
     info = data['val']
-    if not (args.val_frequency and (epoch % args.val_frequency == 0 or epoch == args.epochs)):
+    if not openclip_evaluates_val(args, epoch):
         return {}
     device = torch.device(args.device)
     model.eval()

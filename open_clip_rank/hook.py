@@ -1,56 +1,31 @@
-"""Every touch on OpenCLIP lives here.
+"""The patches that teach OpenCLIP the plugin: mechanics only, each a thin dispatch.
 
-``register()`` is idempotent. Each extension is a thin dispatch: it handles what the plugin owns
-(configs with ``adapter_cfg``, rank-adapter models, the plugin's flags) and hands everything else
-to OpenCLIP's original function unchanged, so plain OpenCLIP models behave exactly as before.
+``register()`` is idempotent. Each patched function handles what the plugin owns and hands
+everything else to OpenCLIP's original unchanged, so plain OpenCLIP models behave exactly as before.
+*What* the plugin owns is decided elsewhere: model families and configs in ``registry.py``, losses in
+``losses/``, data in ``data/``, flags in ``params.py``. Every patch point is checked in ``compat.py``,
+which fails loudly when OpenCLIP has moved one.
 
-What is extended:
-* model configs: ``model_configs/*.json`` via ``open_clip.add_model_config``;
-* model construction: ``open_clip.factory`` picks ``CLIP``/``CustomTextCLIP`` by name at call time;
-  those names are replaced by dispatchers that build the adapter classes for configs carrying
-  ``adapter_cfg`` (built-in, ``local-dir:`` and ``hf-hub:`` configs alike);
-* weights: ``load_checkpoint`` dispatches rank-adapter models to ``checkpoint.load_rank_checkpoint``;
-* pretrained tags: ``<base>-adapter`` gets the pretrained entries of ``<base>``;
-* ``create_loss``: a ``RankingLoss`` for ``--loss-opt`` (and by default for adapter models);
-* the training CLI (``open_clip_train.*`` and the source-checkout ``training.*``), patched when those
-  modules are first imported: ``parse_args`` gains the plugin's flags, ``get_data`` builds rank data for
-  ``--csv-dataset-sample-type rank``, ``evaluate`` reports ranking metrics for rank validation data, and
-  ``init_distributed_device`` lets CPU (gloo) runs wrap the model in DDP.
+Patched:
+* ``open_clip.factory.CLIP`` / ``CustomTextCLIP`` (looked up by ``create_model`` at call time): configs
+  carrying a family key build that family's classes (built-in, ``local-dir:`` and ``hf-hub:`` alike);
+* ``open_clip.load_checkpoint``: names the file in rank models' load errors;
+* ``open_clip.create_loss``: the plugin's losses (``--loss-opt``, or a rank family's default);
+* OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
+* the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
+  when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (rank sample types),
+  ``evaluate`` (ranking metrics for rank validation data), ``init_distributed_device`` (CPU DDP).
 """
 import copy
-import functools
-import json
 import logging
-import os
 import sys
 import threading
-from pathlib import Path
 
-from . import _bootstrap
+from . import _bootstrap, compat, registry
 
 _logger = logging.getLogger(__name__)
 
-
-def _find_config_dir() -> Path:
-    """Installed wheels carry the configs inside the package; source and editable installs beside it."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / 'model_configs', here.parent / 'model_configs'):
-        if candidate.is_dir() and any(candidate.glob('*.json')):
-            return candidate
-    raise RuntimeError(f"open_clip_rank model configs not found near {here}; reinstall the package.")
-
-
-CONFIG_DIR = _find_config_dir()
-DERIVED_SUFFIXES = ('-adapter',)
-# Derived configs whose base is not simply the name without the suffix.
-BASE_MODEL_ALIASES = {
-    'convnext_base_w_224': 'convnext_base_w',  # same towers as convnext_base_w, 224 px
-    'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
-}
 TRAINING_PACKAGES = ('open_clip_train', 'training')
-TRAINING_MODULES = ('params', 'data', 'train', 'distributed')
-# Extra model-config folders (os.pathsep-separated) registered with OpenCLIP, e.g. for your own configs.
-EXTRA_CONFIGS_ENV = 'OPEN_CLIP_RANK_MODEL_CONFIGS'
 
 _lock = threading.Lock()
 _registered = False
@@ -64,237 +39,149 @@ def register():
             return
         _registered = True
     import open_clip
-    from open_clip import factory
-    _register_model_configs(open_clip)
-    _patch_factory(open_clip, factory)
+    compat.check_factory(open_clip)
+    compat.check_version(open_clip)
+    for folder in registry.config_dirs():
+        open_clip.add_model_config(folder)
+    _patch_factory(open_clip)
     register_derived_pretrained()
     for package in TRAINING_PACKAGES:
-        for module in TRAINING_MODULES:
+        for module in compat.TRAINING_PATCH_POINTS:
             _bootstrap.when_imported(f'{package}.{module}', _patch_training_module)
     _logger.debug('open_clip_rank registered with OpenCLIP')
-
-
-def _register_model_configs(open_clip):
-    open_clip.add_model_config(CONFIG_DIR)
-    for folder in filter(None, os.environ.get(EXTRA_CONFIGS_ENV, '').split(os.pathsep)):
-        if not Path(folder).exists():
-            raise RuntimeError(f"{EXTRA_CONFIGS_ENV} names {folder}, which does not exist.")
-        open_clip.add_model_config(folder)
-
-
-def plugin_config_names():
-    return sorted(p.stem for p in CONFIG_DIR.glob('*.json'))
 
 
 def _original(fn):
     return getattr(fn, '__wrapped__', fn)
 
 
-def _model_class_dispatch(original, adapter_class):
+# --- open_clip ---------------------------------------------------------------------------------------
+
+def _model_class_dispatch(original, custom_text: bool):
     """Stands in for ``CLIP`` / ``CustomTextCLIP`` inside ``open_clip.factory.create_model``."""
 
-    @functools.wraps(original, updated=())
+    @compat.wraps_once(original)
     def build(*args, **model_cfg):
-        if 'adapter_cfg' in model_cfg:
-            return adapter_class(*args, **model_cfg)
-        return original(*args, **model_cfg)
+        family = registry.family_for_config(model_cfg)
+        if family is None:
+            return original(*args, **model_cfg)
+        return family.model_class(custom_text)(*args, **model_cfg)
 
     return build
 
 
-def _patch_factory(open_clip, factory):
-    from .checkpoint import load_rank_checkpoint
-    from .model import RankAdapterCLIP, RankAdapterCustomTextCLIP, is_rank_adapter
-
-    for name in ('CLIP', 'CustomTextCLIP', 'load_checkpoint', 'create_loss'):
-        if not hasattr(factory, name):
-            raise RuntimeError(
-                f"open_clip.factory.{name} is missing: this OpenCLIP version ({open_clip.__version__}) is not "
-                f"supported by open_clip_rank; install open_clip_torch 3.3.x.")
-    factory.CLIP = _model_class_dispatch(_original(factory.CLIP), RankAdapterCLIP)
-    factory.CustomTextCLIP = _model_class_dispatch(_original(factory.CustomTextCLIP), RankAdapterCustomTextCLIP)
-
+def _patch_factory(open_clip):
+    from open_clip import factory
+    factory.CLIP = _model_class_dispatch(_original(factory.CLIP), custom_text=False)
+    factory.CustomTextCLIP = _model_class_dispatch(_original(factory.CustomTextCLIP), custom_text=True)
     original_load = _original(factory.load_checkpoint)
 
-    @functools.wraps(original_load)
+    @compat.wraps_once(original_load)
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
-        if is_rank_adapter(model):
-            return load_rank_checkpoint(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
-        return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
-
-    factory.load_checkpoint = load_checkpoint
-    open_clip.load_checkpoint = load_checkpoint
+        if registry.family_for_model(model) is None:
+            return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
+        from .models.checkpoint import CheckpointMismatchError, checkpoint_source, explain_load_failure
+        with checkpoint_source(checkpoint_path):  # OpenCLIP's loader ends in the rank model's load_state_dict
+            try:
+                return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
+            except CheckpointMismatchError:
+                raise
+            except (AssertionError, RuntimeError) as err:
+                explain_load_failure(model, checkpoint_path, err, weights_only=weights_only, device=device)
 
     original_create_loss = _original(factory.create_loss)
 
-    @functools.wraps(original_create_loss)
+    @compat.wraps_once(original_create_loss)
     def create_loss(args):
-        loss = create_rank_loss(args)
+        from .losses import create_loss as create_plugin_loss
+        loss = create_plugin_loss(args)
         return loss if loss is not None else original_create_loss(args)
 
-    factory.create_loss = create_loss
-    open_clip.create_loss = create_loss
-
-
-def is_rank_model_name(model_name: str) -> bool:
-    """Does this model name (built-in, local-dir: or hf-hub:) resolve to a config with adapter_cfg?"""
-    import open_clip
-    from open_clip.factory import parse_model_name
-    schema, identifier = parse_model_name(model_name)
-    try:
-        if schema is None:
-            cfg = open_clip.get_model_config(identifier.replace('/', '-')) or {}
-        elif schema == 'local-dir':
-            cfg = json.loads((Path(identifier) / 'open_clip_config.json').read_text()).get('model_cfg', {})
-        else:
-            cfg = open_clip.factory._get_hf_config(identifier).get('model_cfg', {})
-    except Exception:  # unreadable config: let OpenCLIP report it when it builds the model
-        return False
-    return 'adapter_cfg' in cfg
-
-
-def resolved_loss_opt(args):
-    """``--loss-opt``, defaulting to single-head for adapter models (as the original); None otherwise."""
-    loss_opt = getattr(args, 'loss_opt', None)
-    if loss_opt is None and getattr(args, 'model', None) and is_rank_model_name(args.model):
-        loss_opt = 'single-head'
-    return loss_opt
-
-
-def create_rank_loss(args):
-    """RankingLoss for rank training; None hands loss creation back to OpenCLIP."""
-    from .losses import RankingLoss
-    loss_opt = resolved_loss_opt(args)
-    if loss_opt not in ('dual-head', 'single-head'):
-        return None
-    weights = {'rank': args.rank_loss_weight, 'regression': args.regression_loss_weight, 'bce': args.bce_loss_weight}
-    return RankingLoss(head=loss_opt.split('-')[0], components=args.loss_components, weights=weights,
-                       ignore_ties=args.pair_loss_ignore_ties, micro_batch_size=args.batch_size)
-
-
-def base_model_name(model_name: str):
-    """'convnext_large_d_320-adapter' -> 'convnext_large_d_320' (None if not a derived name)."""
-    for suffix in DERIVED_SUFFIXES:
-        if model_name.endswith(suffix):
-            base = model_name[:-len(suffix)]
-            return BASE_MODEL_ALIASES.get(base, base)
-    return None
+    factory.load_checkpoint = open_clip.load_checkpoint = load_checkpoint
+    factory.create_loss = open_clip.create_loss = create_loss
 
 
 def register_derived_pretrained():
-    """``<base>-adapter`` + a tag of ``<base>`` loads the base weights (adapter starts fresh).
+    """``<base>-adapter`` + a tag of ``<base>`` loads the base weights (the family's parts start fresh).
 
     Covers every known derived config, including ones added later with ``add_model_config``
     (call again after adding them).
     """
     import open_clip
-    from open_clip import pretrained
-    registry = pretrained._PRETRAINED
+    table = compat.pretrained_registry()
     for name in open_clip.list_models():
-        base = base_model_name(name)
-        if base in registry and name not in registry:
-            registry[name] = registry[base]  # shared, so later additions to the base show up too
+        base = registry.base_model_name(name)
+        if base in table and name not in table:
+            table[name] = table[base]  # shared, so later additions to the base show up too
 
 
-def _is_ours(fn):
-    return getattr(fn, '_open_clip_rank', False)
-
+# --- the training package ----------------------------------------------------------------------------
 
 def _from_openclip_checkout(module):
     """``training.*`` only counts when it is OpenCLIP's source-checkout package."""
     return not module.__name__.startswith('training.') or _bootstrap._is_openclip_checkout(sys.modules['training'])
 
 
-def _replace(module, name, make_wrapper):
-    """``module.name = make_wrapper(original)``: once, and only in OpenCLIP's own training package."""
-    original = getattr(module, name)
-    if _is_ours(original) or not _from_openclip_checkout(module):
+def _patch_training_module(module):
+    """Wrap the module's patch point once (the ``training`` alias shares ``open_clip_train``'s modules)."""
+    if not _from_openclip_checkout(module):
         return
-    wrapper = functools.wraps(original)(make_wrapper(original))
-    wrapper._open_clip_rank = True
-    setattr(module, name, wrapper)
+    import open_clip
+    name = compat.training_patch_point(module, open_clip.__version__)
+    original = getattr(module, name)
+    if compat.is_patched(original):
+        return
+    compat.check_training_package(module.__name__.rsplit('.', 1)[0], open_clip.__version__)
+    wrapper = {'parse_args': _parse_args, 'get_data': _get_data, 'evaluate': _evaluate,
+               'init_distributed_device': _init_distributed_device}[name](original)
+    setattr(module, name, compat.wraps_once(original)(wrapper))
 
 
-def uses_rank_data(args) -> bool:
-    return getattr(args, 'csv_dataset_sample_type', 'default') == 'rank'
+def _parse_args(original):
+    from .params import wrap_parse_args
+    return wrap_parse_args(original)
 
 
-def _rank_get_data(original):
+def _get_data(original):
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
-        if not uses_rank_data(args):
+        if getattr(args, 'csv_dataset_sample_type', 'default') != 'rank':
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-        from .data import RankDataError, get_rank_data
+        from .data import RankDataError
+        from .data.loaders import get_rank_data
         try:
-            if not is_rank_model_name(args.model):
-                raise RankDataError(f"--csv-dataset-sample-type rank trains ranking models, but --model {args.model} "
-                                    f"has no adapter_cfg; use a *-adapter model (open_clip.list_models()).")
-            with_pairs = resolved_loss_opt(args) != 'single-head'
-            data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, with_pairs=with_pairs)
+            data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         except RankDataError as err:  # one clear line, before any training starts
             _logger.error(str(err))
             raise SystemExit(f"open_clip_rank: error: {err}")
-        if args.imagenet_val is not None or args.imagenet_v2 is not None:
-            data.update({k: v for k, v in original(_without_csv(args), preprocess_fns, epoch, tokenizer).items()
-                         if k.startswith('imagenet')})
+        if args.imagenet_val is not None or args.imagenet_v2 is not None:  # OpenCLIP builds those
+            without_csv = copy.copy(args)
+            without_csv.train_data = without_csv.val_data = None
+            data.update(original(without_csv, preprocess_fns, epoch=epoch, tokenizer=tokenizer))
         return data
 
     return get_data
 
 
-def _without_csv(args):
-    args = copy.copy(args)
-    args.train_data = args.val_data = None
-    return args
-
-
-def _rank_evaluate(original):
+def _evaluate(original):
     def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
-        if not getattr(data.get('val'), 'rank_eval', False):
+        from .data.loaders import RankDataInfo
+        if not isinstance(data.get('val'), RankDataInfo):
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
         from .evaluate import evaluate_ranking
         metrics = evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer)
-        others = {k: v for k, v in data.items() if k != 'val'}
-        if any(k.startswith('imagenet') for k in others):
+        others = {k: v for k, v in data.items() if k != 'val'}  # zero-shot ImageNet: OpenCLIP's own
+        if others:
             metrics.update(original(model, others, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer))
         return metrics
 
     return evaluate
 
 
-def _cpu_ddp_init_distributed_device(original):
-    """CPU torchrun: OpenCLIP 3.3's main wraps the model as ``DistributedDataParallel(model,
-    device_ids=[device])``, which torch rejects for CPU modules. Once a CPU process group is up,
-    DDP is given a subclass that drops ``device_ids`` for CPU modules, the one case that would raise."""
+def _init_distributed_device(original):
     def init_distributed_device(args):
         device = original(args)
         if args.distributed and device.type == 'cpu':
-            _allow_cpu_ddp_device_ids()
+            compat.allow_cpu_ddp_device_ids()
         return device
 
     return init_distributed_device
-
-
-def _allow_cpu_ddp_device_ids():
-    import torch
-    ddp = torch.nn.parallel.DistributedDataParallel
-    if getattr(ddp, '_open_clip_rank', False):
-        return
-
-    class DistributedDataParallel(ddp):
-        _open_clip_rank = True
-
-        def __init__(self, module, device_ids=None, *args, **kwargs):
-            if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
-                device_ids = None
-            super().__init__(module, device_ids, *args, **kwargs)
-
-    torch.nn.parallel.DistributedDataParallel = DistributedDataParallel
-
-
-def _patch_training_module(module):
-    from .params import wrap_parse_args
-    short = module.__name__.split('.', 1)[1]
-    name, make_wrapper = {'params': ('parse_args', wrap_parse_args), 'data': ('get_data', _rank_get_data),
-                          'train': ('evaluate', _rank_evaluate),
-                          'distributed': ('init_distributed_device', _cpu_ddp_init_distributed_device)}[short]
-    _replace(module, name, make_wrapper)

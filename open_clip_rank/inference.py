@@ -1,9 +1,10 @@
-"""Rank images with a trained adapter model: the Python API behind ``python -m open_clip_rank.rank``.
+"""Rank images with a trained rank model: the Python API behind ``python -m open_clip_rank.rank``.
 
+Speaks only the rank-model protocol (``models/base.py``), so it ranks with any family's model.
 ``score_images`` runs every image tower pass once per batch and every prompt's text tower once,
-then the adapter's scores-only path for each (image, prompt): the pair head is never run.
-``pairwise_scores`` optionally re-ranks a set with the pair head, blockwise, from per-image
-summaries (see ``adapter.RankAwarePairAttention``), so thousands of images fit in memory.
+then the scores-only path for each (image, prompt): a pair head is never run. ``pairwise_scores``
+optionally re-ranks a set with the pair head of models that have one, blockwise, from per-image
+summaries, so thousands of images fit in memory. Imports no ``open_clip_train`` module.
 """
 import contextlib
 import json
@@ -18,8 +19,8 @@ from PIL import Image
 
 import open_clip
 
-from .data import rank_transforms
-from .model import is_rank_adapter
+from .data.transforms import rank_transforms
+from .registry import FAMILIES, family_for_config, family_for_model
 
 _logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def _register_config_file(config_path) -> str:
         raise ValueError(f"model config {config_path} is not valid JSON ({err}).")
     cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json wraps the model config
     cfg.pop('model_version', None)  # the official inference script passes it beside the config
-    if 'adapter_cfg' not in cfg:
-        raise ValueError(f"model config {config_path} has no 'adapter_cfg': it is not a rank-adapter config.")
+    if family_for_config(cfg) is None:
+        keys = [f.config_key for f in FAMILIES.values()]
+        raise ValueError(f"model config {config_path} has none of {keys}: it is not a rank-model config.")
     folder = Path(tempfile.mkdtemp(prefix='open_clip_rank_cfg_'))
     name = f'file-{config_path.stem}'
     (folder / f'{name}.json').write_text(json.dumps(cfg))
@@ -61,8 +63,9 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     device = torch.device(device) if device is not None else default_device()
     net, _, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=checkpoint_path, precision=precision, device=device)
-    if not is_rank_adapter(net):
-        raise ValueError(f"model {name} is not a rank-adapter model (its config has no adapter_cfg).")
+    if family_for_model(net) is None:
+        keys = [f.config_key for f in FAMILIES.values()]
+        raise ValueError(f"model {name} is not a rank model (its config has none of {keys}).")
     _, transform = rank_transforms(preprocess_val)
     return net.eval(), transform, open_clip.get_tokenizer(name)
 
@@ -121,7 +124,7 @@ def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequenc
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    _, text_tokens = model.encode_text_tokens(tokenizer(prompts).to(device))  # [T, L, D], once per prompt
+    prompt_states = model.encode_prompts(tokenizer(prompts).to(device))  # once per prompt
     scores = torch.full((len(images), len(prompts)), float('nan'))
     skipped = []
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -130,11 +133,9 @@ def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequenc
         if batch is None:
             continue
         with autocast:
-            image_tokens = model.encode_image_tokens(batch.to(device))
+            image_tokens = model.encode_image_tokens(batch.to(device))  # once per image
             for t in range(len(prompts)):
-                text = text_tokens[t:t + 1].expand(len(kept), -1, -1).to(image_tokens.dtype)
-                fused = model.adapter.fuse(image_tokens, text)
-                scores[kept, t] = model.adapter.scores(fused).float().cpu()
+                scores[kept, t] = model.score_tokens(image_tokens, prompt_states[t:t + 1]).float().cpu()
     return scores, skipped
 
 
@@ -166,34 +167,28 @@ def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, 
     loss and few regression targets). Cost grows with N^2 (blockwise, N x block x D memory).
     -> (scores [N] in [0, 1], NaN for unreadable images; skipped).
     """
+    if not model.supports_pairwise:
+        raise ValueError(f"{model.family_name} models have no pair head; rank without --pairwise.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    adapter = model.adapter
-    _, text_tokens = model.encode_text_tokens(tokenizer([prompt]).to(device))
-    values, log_norms, kept_all, skipped = [], [], [], []
+    prompt_state = model.encode_prompts(tokenizer([prompt]).to(device))
+    summaries, kept_all, skipped = [], [], []
     for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'encoding'):
         skipped += bad
         if batch is None:
             continue
-        image_tokens = model.encode_image_tokens(batch.to(device))
-        fused = adapter.fuse(image_tokens, text_tokens.expand(len(kept), -1, -1).to(image_tokens.dtype))
-        v, l = adapter.reg_token_pooler.per_image_summaries(adapter.reg_tokens.to(fused.dtype), fused)
-        values.append(v)
-        log_norms.append(l)
+        summaries.append(model.pair_summaries(model.encode_image_tokens(batch.to(device)), prompt_state))
         kept_all += kept
     scores = torch.full((len(images),), float('nan'))
     if not kept_all:
         return scores, skipped
-    values, log_norms = torch.cat(values), torch.cat(log_norms)
+    summaries = tuple(torch.cat(parts) for parts in zip(*summaries))
     n = len(kept_all)
-    n_queries = adapter.reg_tokens.shape[0]
     row_sums = torch.zeros(n, device=device)  # sum_j P(i > j)
     col_sums = torch.zeros(n, device=device)  # sum_i P(i > j), indexed by j
     for start in range(0, n, block_size):
-        rows = slice(start, min(start + block_size, n))
-        features = adapter.reg_token_pooler.pair_features(
-            values[rows], log_norms[rows], values, log_norms, n_queries)
-        probs = torch.sigmoid(adapter.pair_regressor(features).squeeze(-1).float())  # [block, n]
-        row_sums[rows] += probs.sum(dim=1)
+        block = tuple(part[start:start + block_size] for part in summaries)
+        probs = torch.sigmoid(model.pair_logits_between(block, summaries).float())  # [block, n]
+        row_sums[start:start + block_size] += probs.sum(dim=1)
         col_sums += probs.sum(dim=0)
     # mean over j != i of (P(i > j) + 1 - P(j > i)) / 2; the diagonal terms cancel
     scores[kept_all] = ((row_sums - col_sums + n - 1) / (2 * max(n - 1, 1))).cpu()

@@ -8,9 +8,13 @@ merges the two namespaces. ``--help`` prints OpenCLIP's help followed by the plu
 import argparse
 import sys
 
+from .losses import DEFAULT_COMPONENTS, LOSS_COMPONENTS, LOSSES, TARGET_LOSSES
+from .registry import FAMILIES
 
-LOSS_OPTS = ('dual-head', 'single-head')
-SAMPLE_TYPES = ('default', 'rank')
+
+def sample_types():
+    """'default' (OpenCLIP's own CSV data) and every family's rank sample types."""
+    return ('default', *dict.fromkeys(t for family in FAMILIES.values() for t in family.sample_types))
 
 
 def add_plugin_args(parser: argparse.ArgumentParser):
@@ -18,11 +22,12 @@ def add_plugin_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group(
         'open_clip_rank', 'Text-driven image ranking (ranking-aware adapter models: any *-adapter model config).')
     group.add_argument(
-        '--loss-opt', choices=LOSS_OPTS, default=None,
+        '--loss-opt', choices=tuple(LOSSES), default=None,
         help="Ranking loss: 'dual-head' orders pairs with the adapter's pair head, 'single-head' with score "
-             "differences. Default: single-head for adapter models (as the original), OpenCLIP's loss otherwise.")
+             "differences. Default: the model family's loss for rank models (single-head for adapter models, "
+             "as the original), OpenCLIP's loss otherwise.")
     group.add_argument(
-        '--loss-components', nargs='+', choices=('regression', 'rank', 'bce'), default=['rank'],
+        '--loss-components', nargs='+', choices=LOSS_COMPONENTS, default=list(DEFAULT_COMPONENTS),
         help="Parts of the ranking loss: pairwise 'rank' BCE, 'regression' log(1 + smoothL1), 'bce' on target != 0.")
     group.add_argument('--rank-loss-weight', type=float, default=1.0, help='Weight of the pairwise rank loss.')
     group.add_argument('--regression-loss-weight', type=float, default=0.2, help='Weight of the regression loss.')
@@ -32,7 +37,7 @@ def add_plugin_args(parser: argparse.ArgumentParser):
         help='Leave pairs with equal targets (and the diagonal) out of the pair loss. Default: as the original, '
              'they count with label 0.')
     group.add_argument(
-        '--csv-dataset-sample-type', choices=SAMPLE_TYPES, default='default',
+        '--csv-dataset-sample-type', choices=sample_types(), default='default',
         help="'rank': batches of one category (instruction) each, with targets, for ranking models.")
     group.add_argument(
         '--negative-ratio', type=float, default=0.2,
@@ -60,7 +65,7 @@ def validate_plugin_args(args):
         # A rank model uses the same parameters every step (e.g. never the pair head with single-head
         # loss): DDP's static graph handles such unused parameters without find_unused_parameters.
         args.ddp_static_graph = True
-    if args.loss_opt is not None and args.train_data and args.csv_dataset_sample_type != 'rank':
+    if args.loss_opt in TARGET_LOSSES and args.train_data and args.csv_dataset_sample_type != 'rank':
         raise ValueError(f"--loss-opt {args.loss_opt} trains on targets: add --dataset-type csv "
                          f"--csv-dataset-sample-type rank (CSV with a '{args.csv_value_key}' column).")
     return args

@@ -250,15 +250,6 @@ def make_counting_dataset(root, kinds=SHAPES, max_count=9, train_per_count=24, v
     return result
 
 
-def make_unreadable_image(path) -> str:
-    """A file named like an image that PIL cannot open, to test that loaders skip bad images."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'wb') as f:
-        f.write(b'\x00this is not an image\xff' * 16)
-    return path
-
-
 def main(argv=None) -> None:
     import argparse
     parser = argparse.ArgumentParser(description="Write the synthetic object-counting rank dataset.")

@@ -8,7 +8,7 @@
 Each row is forward + backward of the pair head alone (as in DESIGN.md), median of ``--repeats`` runs
 after a warm-up, and peak memory above the inputs: ``torch.cuda.max_memory_allocated`` on CUDA, the
 process's peak RSS on CPU (each measurement in a fresh subprocess, so peaks do not mix). The original
-is, by default, ``open_clip_rank.reference.quadratic_pair_attention`` (the official algorithm restated and
+is, by default, ``tests/reference_pair_head.quadratic_pair_attention`` (the official algorithm restated and
 tested equal); with ``--official-repo`` the official ``MultiHeadRankawareAttentionV2`` class is loaded from
 a checkout of uynaes/RankingAwareCLIP and run with the same weights.
 """
@@ -58,7 +58,7 @@ def load_official_class(repo):
 def build(args, device, dtype):
     import torch
     from open_clip.transformer import LayerNorm
-    from open_clip_rank.adapter import RankAwarePairAttention
+    from open_clip_rank.models.adapter_layers import RankAwarePairAttention
     torch.manual_seed(0)
     ours = RankAwarePairAttention(args.dim, args.heads, LayerNorm).to(device, dtype)
     official = None
@@ -70,7 +70,8 @@ def build(args, device, dtype):
 
 
 def make_runner(impl, ours, official, n_queries):
-    from open_clip_rank.reference import quadratic_pair_attention
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
+    from reference_pair_head import quadratic_pair_attention
     if impl == 'factorised':
         return lambda q, x: ours(q, x)
     if official is not None:  # the original class: [1, Q, D] queries, [N*N, Q, D] out, summed over queries

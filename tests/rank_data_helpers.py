@@ -35,3 +35,12 @@ def write_rank_csv(root, kinds=('circle', 'square'), counts=range(6), per_count=
         for row in rows:
             f.write(sep.join(row) + '\n')
     return path
+
+
+def make_unreadable_image(path) -> str:
+    """A file named like an image that PIL cannot open, to test that loaders skip bad images."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(b'\x00this is not an image\xff' * 16)
+    return path

@@ -48,7 +48,7 @@ def test_outputs_match_official(family, tmp_path):
     n = inputs['images'].shape[0]
     _close(out['rank_scores'], ref['adapter_logits'].view(n), OUT_TOL)
     _close(out['pair_logits'], ref['adapter_paired_logits'].view(n, n), OUT_TOL)
-    _close(out['image_features'], _as_tokens(ref['image_features']), OUT_TOL)
+    _close(out['image_tokens'], _as_tokens(ref['image_features']), OUT_TOL)
     _close(out['text_features'], ref['text_features'], OUT_TOL)
     assert torch.equal(out['targets'], inputs['targets'])
     with torch.no_grad():

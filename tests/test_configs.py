@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import open_clip
-from open_clip_rank.hook import CONFIG_DIR, base_model_name, plugin_config_names
+from open_clip_rank.registry import CONFIG_DIR, base_model_name, plugin_config_names
 
 OFFICIAL_NAMES = sorted(f'{base}-adapter' for base in (
     'RN50', 'RN101', 'ViT-B-32', 'ViT-B-16', 'ViT-B-16-plus', 'ViT-L-14', 'ViT-L-14-336', 'ViT-B-16-SigLIP',
@@ -49,7 +49,7 @@ def test_config_builds_with_sane_parameter_count(name):
 
 
 def test_siglip_adapter_uses_custom_text_tower():
-    from open_clip_rank.model import RankAdapterCustomTextCLIP
+    from open_clip_rank.models.adapter import RankAdapterCustomTextCLIP
     with torch.device('meta'):
         model = open_clip.create_model('ViT-B-16-SigLIP-adapter', device='meta')
     assert isinstance(model, RankAdapterCustomTextCLIP)

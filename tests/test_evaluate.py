@@ -7,7 +7,7 @@ import open_clip
 import torch
 from scipy import stats
 
-from open_clip_rank.data import get_rank_data
+from open_clip_rank.data.loaders import get_rank_data
 from open_clip_rank.evaluate import evaluate_ranking
 from rank_data_helpers import write_rank_csv
 
@@ -22,7 +22,7 @@ class FakeWriter:
 
 def test_evaluate_ranking_reports_every_metric(tmp_path):
     val = write_rank_csv(str(tmp_path), per_count=2, name='val.csv')
-    args = SimpleNamespace(train_data=None, val_data=val, csv_img_key='filepath', csv_caption_key='title',
+    args = SimpleNamespace(model='tiny-vit-adapter', loss_opt=None, train_data=None, val_data=val, csv_img_key='filepath', csv_caption_key='title',
                            csv_value_key='value', csv_category_key='cname', csv_weight_key='w', csv_separator='\t',
                            negative_ratio=0.0, batch_size=5, seed=0, rank=0, world_size=1, workers=0,
                            distributed=False, horovod=False, local_rank=0, device='cpu', precision='fp32',

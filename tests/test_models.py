@@ -30,7 +30,7 @@ def test_forward_contract(name):
     assert out['rank_scores'].shape == (4,)
     assert out['pair_logits'].shape == (4, 4)
     assert out['targets'] is targets
-    assert out['image_features'].ndim == 3 and out['text_features'].shape[0] == 4
+    assert out['image_tokens'].ndim == 3 and out['text_features'].shape[0] == 4
     assert out['logit_scale'].ndim == 0
     model.eval()
     with torch.no_grad():

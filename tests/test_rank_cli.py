@@ -11,8 +11,9 @@ from PIL import Image
 import open_clip
 from open_clip_rank.contact_sheet import sheet_size
 from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images
-from open_clip_rank.synthetic import make_counting_dataset, make_unreadable_image
+from open_clip_rank.synthetic import make_counting_dataset
 from conftest import TEST_CONFIG_DIR, subprocess_env
+from rank_data_helpers import make_unreadable_image
 
 MODEL = 'tiny-vit-adapter'
 

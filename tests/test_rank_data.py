@@ -9,8 +9,9 @@ import torch
 import open_clip
 from open_clip_train.data import SharedEpoch
 from open_clip_rank.data import (RankBatchSampler, RankDataError, RankDataset, RankTable, collate_rank_batch,
-                                 get_rank_data, load_rank_table)
-from open_clip_rank.rank_batch import RankTexts
+                                 load_rank_table)
+from open_clip_rank.data.loaders import get_rank_data
+from open_clip_rank.models.base import RankTexts
 from rank_data_helpers import write_rank_csv
 
 
@@ -89,7 +90,7 @@ def test_too_few_rows_for_one_batch_is_a_clear_error():
 # --- real files ----------------------------------------------------------------------------------
 
 def _args(train, val=None, **kw):
-    base = dict(train_data=train, val_data=val, csv_img_key='filepath', csv_caption_key='title',
+    base = dict(model='tiny-vit-adapter', loss_opt=None, train_data=train, val_data=val, csv_img_key='filepath', csv_caption_key='title',
                 csv_value_key='value', csv_category_key='cname', csv_weight_key='sample_weights_by_class',
                 csv_separator='\t', negative_ratio=0.25, batch_size=8, seed=3, rank=0, world_size=1, workers=0)
     base.update(kw)

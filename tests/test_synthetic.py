@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from open_clip_rank.synthetic import (
-    COLUMNS, SHAPES, draw_counting_image, image_rng, make_counting_dataset, make_unreadable_image)
+    COLUMNS, SHAPES, draw_counting_image, image_rng, make_counting_dataset)
+from rank_data_helpers import make_unreadable_image
 
 SMALL = dict(max_count=4, train_per_count=3, val_per_count=2, image_size=48)
 

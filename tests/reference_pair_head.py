@@ -1,4 +1,4 @@
-"""The official pair-head algorithm, restated for verification and benchmarks (not used for training).
+"""The official pair-head algorithm, restated for verification (tests) and benchmarks (scripts/benchmark.py).
 
 ``quadratic_pair_attention`` computes what the official ``MultiHeadRankawareAttentionV2`` computes, the
 way it computes it: the key/value tokens of every pair (i, j) concatenated into an

@@ -1,4 +1,4 @@
-"""Ranking losses for adapter models (``--loss-opt dual-head | single-head``).
+"""Pairwise ranking losses for adapter models (``--loss-opt dual-head | single-head``).
 
 Defaults reproduce the official ``ClipAdapterLossV2`` (dual head) and ``ClipWithAdapterLoss``
 (single head): 0.2 * log(1 + smoothL1(s, y)) + 1.0 * BCE over all N*N ordered pairs (label 1 when
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LOSS_COMPONENTS = ('regression', 'rank', 'bce')
+DEFAULT_COMPONENTS = ('rank',)  # the original CLI's --loss-components default
 DEFAULT_WEIGHTS = {'regression': 0.2, 'rank': 1.0, 'bce': 1.0}
 
 
@@ -54,7 +55,7 @@ class RankingLoss(nn.Module):
     def __init__(
             self,
             head: str = 'dual',
-            components: Sequence[str] = ('regression', 'rank'),
+            components: Sequence[str] = DEFAULT_COMPONENTS,
             weights: Optional[Dict[str, float]] = None,
             ignore_ties: bool = False,
             micro_batch_size: Optional[int] = None,

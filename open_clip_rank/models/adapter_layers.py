@@ -234,7 +234,17 @@ class RankAdapter(nn.Module):
 
     def pair_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """[N, N] logits; entry (i, j) > 0 means image i ranks above image j."""
-        pair = self.reg_token_pooler(self.reg_tokens.to(fused.dtype), fused)
+        summaries = self.pair_summaries(fused)
+        return self.pair_logits_between(summaries, summaries)
+
+    def pair_summaries(self, fused: torch.Tensor):
+        """Per-image (o, L) statistics of the pair head (see ``RankAwarePairAttention``)."""
+        return self.reg_token_pooler.per_image_summaries(self.reg_tokens.to(fused.dtype), fused)
+
+    def pair_logits_between(self, summaries_i, summaries_j) -> torch.Tensor:
+        """[I, J] logits for every pair of two sets of summaries: a block of ``pair_logits``."""
+        (values_i, log_norm_i), (values_j, log_norm_j) = summaries_i, summaries_j
+        pair = self.reg_token_pooler.pair_features(values_i, log_norm_i, values_j, log_norm_j, self.reg_tokens.shape[0])
         return self.pair_regressor(pair).squeeze(-1)
 
     def forward(self, image_tokens, text_tokens, with_pairs: bool = True):

@@ -1,11 +1,11 @@
-"""OpenCLIP models with a ranking-aware adapter on top of the image and text towers.
+"""The ranking-aware adapter family: OpenCLIP models with a rank adapter on top of both towers.
 
 ``RankAdapterCLIP`` extends OpenCLIP's ``CLIP`` (towers unpacked on the model, as the official
 ``L2RCLIP``), ``RankAdapterCustomTextCLIP`` extends ``CustomTextCLIP`` (e.g. SigLIP, which the
-official code cannot build). Both are built by ``open_clip.create_model`` for any config carrying an
-``adapter_cfg`` (see ``hook.py``), so every OpenCLIP option keeps working.
+official code cannot build). ``open_clip.create_model`` builds them for any config carrying an
+``adapter_cfg`` (see ``registry.py``), so every OpenCLIP option keeps working.
 """
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +13,12 @@ from torch import nn
 
 from open_clip.model import CLIP, CustomTextCLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.timm_model import TimmModel
-from open_clip.transformer import VisionTransformer, lock_text_tower, text_global_pool
+from open_clip.transformer import lock_text_tower, text_global_pool
 
-from .adapter import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
-from .rank_batch import RankTexts
-
-# Keys of an official checkpoint that a base CLIP checkpoint cannot have: they start fresh.
-FRESH_PREFIXES = ('adapter.', 'visual_proj.')
+from .. import compat
+from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
+from .base import RankModel, RankOutput, RankTexts
+from .towers import emit_tokens, image_tokens
 
 
 def _vision_cfg(cfg) -> CLIPVisionCfg:
@@ -40,17 +38,17 @@ def split_embed_dim(embed_dim):
     return int(embed_dim), None
 
 
+def _is_resnet(vision_cfg: CLIPVisionCfg) -> bool:
+    return isinstance(vision_cfg.layers, (list, tuple)) and not vision_cfg.timm_model_name
+
+
 def visual_token_width(embed_dim, vision_cfg) -> int:
     """Width of the image tokens the adapter receives, from the config alone (no model needed)."""
     clip_dim, token_dim = split_embed_dim(embed_dim)
     vision_cfg = _vision_cfg(vision_cfg)
-    if isinstance(vision_cfg.layers, (list, tuple)) and not vision_cfg.timm_model_name:
+    if _is_resnet(vision_cfg):
         return token_dim if token_dim is not None else vision_cfg.width * 32
     return clip_dim  # ViT tokens @ proj, timm head (1x1 conv / linear) -> embed_dim
-
-
-def text_token_width(text_cfg) -> int:
-    return _text_cfg(text_cfg).width
 
 
 def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCfg, misc_cfg):
@@ -59,15 +57,14 @@ def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCf
     if version != MODEL_VERSION:
         raise ValueError(f"misc_cfg.model_version={version!r} is not supported; use {MODEL_VERSION!r}.")
     vision_cfg = _vision_cfg(vision_cfg)
-    is_resnet = isinstance(vision_cfg.layers, (list, tuple)) and not vision_cfg.timm_model_name
-    if split_embed_dim(embed_dim)[1] is not None and not is_resnet:
+    if split_embed_dim(embed_dim)[1] is not None and not _is_resnet(vision_cfg):
         raise ValueError(f"embed_dim={embed_dim} as [clip_dim, token_dim] is only for ModifiedResNet towers.")
     if vision_cfg.timm_model_name and vision_cfg.timm_pool:
         raise ValueError(
             f"vision_cfg.timm_pool={vision_cfg.timm_pool!r} pools the image to one vector; the adapter "
             f"needs its tokens: set timm_pool to \"\" (and timm_proj to \"\").")
     checks = (('visual token width (embed_dim)', visual_token_width(embed_dim, vision_cfg)),
-              ('text token width (text_cfg.width)', text_token_width(text_cfg)))
+              ('text token width (text_cfg.width)', _text_cfg(text_cfg).width))
     for what, width in checks:
         if width != adapter_cfg.d_model:
             raise ValueError(
@@ -75,8 +72,25 @@ def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCf
                 f"set adapter_cfg.d_model to {width} or change the tower config.")
 
 
-class RankAdapterMixin:
-    """Adapter construction and the forward contract shared by both model classes."""
+class AdapterOutput(RankOutput):
+    """Rank outputs of an adapter model; the official output names read as aliases:
+    ``adapter_logits`` = ``rank_scores`` as [N, 1], ``adapter_paired_logits`` = ``pair_logits`` as [N*N, 1]
+    (row i*N + j: pair (i, j))."""
+    ALIASES = {
+        'adapter_logits': lambda out: out['rank_scores'].unsqueeze(-1),
+        'adapter_paired_logits': lambda out: out['pair_logits'].reshape(-1, 1),
+    }
+
+
+compat.register_output_type(AdapterOutput)
+
+
+class RankAdapterMixin(RankModel):
+    """Adapter construction, the rank forward and the rank-model protocol shared by both classes."""
+
+    family_name = 'adapter'
+    fresh_state_prefixes = ('adapter.', 'visual_proj.')  # what a base CLIP checkpoint cannot have
+    supports_pairwise = True
 
     def _init_rank_adapter(self, embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype):
         _, token_dim = split_embed_dim(embed_dim)
@@ -85,6 +99,7 @@ class RankAdapterMixin:
             self.visual_proj = nn.Conv2d(channels, token_dim, kernel_size=1, bias=False)
         else:
             self.visual_proj = None
+        emit_tokens(self.visual)
         act_layer, norm_layer = adapter_layers(quick_gelu, cast_dtype)
         self.adapter_cfg = adapter_cfg
         self.adapter = RankAdapter(adapter_cfg, act_layer=act_layer, norm_layer=norm_layer)
@@ -108,53 +123,29 @@ class RankAdapterMixin:
         super().set_grad_checkpointing(enable)
         self.adapter.set_grad_checkpointing(enable)
 
-    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened."""
-        visual = self.visual
-        if isinstance(visual, VisionTransformer):
-            x = visual.transformer(visual._embeds(image))
-            _, tokens = visual._pool(x)
-            return tokens @ visual.proj if visual.proj is not None else tokens
-        if isinstance(visual, ModifiedResNet):
-            x = visual.stem(image)
-            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-            if self.visual_proj is not None:
-                x = self.visual_proj(x)
-        elif isinstance(visual, TimmModel):
-            x = visual(image)
-        else:
-            raise TypeError(f"{type(visual).__name__} image towers are not supported by the rank adapter.")
-        if x.ndim == 4:  # [N, D, h, w] -> [N, h*w, D]
-            x = x.flatten(2).transpose(1, 2)
-        return x
-
-    def forward(
+    def rank_forward(
             self,
             image: torch.Tensor,
-            text: torch.Tensor,
+            text,
             targets: Optional[torch.Tensor] = None,
             with_pairs: bool = True,
-    ) -> Dict[str, torch.Tensor]:
+    ) -> AdapterOutput:
         """Rank a batch of images under their instructions.
 
         Returns ``rank_scores`` [N] (regression head), ``pair_logits`` [N, N] (entry (i, j) > 0:
-        image i ranks above image j; omitted when ``with_pairs=False``), ``targets`` when given, and
-        ``image_features`` (the adapter's image tokens [N, P, D]), ``text_features`` (pooled,
-        projected, not normalised), ``logit_scale`` (and ``logit_bias``) as OpenCLIP models do.
+        image i ranks above image j; omitted when ``with_pairs=False``), ``targets`` when given,
+        ``image_tokens`` (the adapter's image tokens [N, P, D]), ``text_features`` (pooled, projected,
+        not normalised), ``logit_scale`` (and ``logit_bias``) as OpenCLIP models do.
         """
         if isinstance(text, RankTexts):  # a rank batch from open_clip_rank.data carries its targets
             targets = text.targets if targets is None else targets
             with_pairs = with_pairs and text.with_pairs
             text = text.tokens
-        image_tokens = self.encode_image_tokens(image)
+        tokens = self.encode_image_tokens(image)
         text_features, text_tokens = self.encode_text_tokens(text)
-        scores, pair_logits = self.adapter(image_tokens, text_tokens.to(image_tokens.dtype), with_pairs)
-        out = {
-            'rank_scores': scores,
-            'image_features': image_tokens,
-            'text_features': text_features,
-            'logit_scale': self.logit_scale.exp(),
-        }
+        scores, pair_logits = self.adapter(tokens, text_tokens.to(tokens.dtype), with_pairs)
+        out = AdapterOutput(rank_scores=scores, image_tokens=tokens, text_features=text_features,
+                            logit_scale=self.logit_scale.exp())
         if pair_logits is not None:
             out['pair_logits'] = pair_logits
         if targets is not None:
@@ -163,13 +154,33 @@ class RankAdapterMixin:
             out['logit_bias'] = self.logit_bias
         return out
 
-    @torch.no_grad()
-    def rank_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Scores only ([N]): the cheap inference path, the pair head is never run."""
-        image_tokens = self.encode_image_tokens(image)
-        _, text_tokens = self.encode_text_tokens(text)
-        fused = self.adapter.fuse(image_tokens, text_tokens.to(image_tokens.dtype))
-        return self.adapter.scores(fused)
+    # --- rank-model protocol -------------------------------------------------------------------------
+
+    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened."""
+        return image_tokens(self.visual, image, map_proj=self.visual_proj)
+
+    def encode_prompts(self, text: torch.Tensor) -> torch.Tensor:
+        """Instructions -> their text tokens after the final LayerNorm [T, L, W]."""
+        return self.encode_text_tokens(text)[1]
+
+    def score_tokens(self, image_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """[N] regression-head scores; ``prompts`` holds one prompt per image or one for all."""
+        return self.adapter.scores(self._fuse(image_tokens, prompts))
+
+    def pair_summaries(self, image_tokens: torch.Tensor, prompts: torch.Tensor):
+        """Per-image pair-head statistics under a prompt; pairs are then formed blockwise."""
+        return self.adapter.pair_summaries(self._fuse(image_tokens, prompts))
+
+    def pair_logits_between(self, summaries_i, summaries_j) -> torch.Tensor:
+        """[I, J] pair logits: entry (i, j) > 0 means image i ranks above image j."""
+        return self.adapter.pair_logits_between(summaries_i, summaries_j)
+
+    def _fuse(self, image_tokens, prompts):
+        prompts = prompts.to(image_tokens.dtype)
+        if prompts.shape[0] == 1 and image_tokens.shape[0] != 1:
+            prompts = prompts.expand(image_tokens.shape[0], -1, -1)
+        return self.adapter.fuse(image_tokens, prompts)
 
 
 class RankAdapterCLIP(RankAdapterMixin, CLIP):
@@ -223,7 +234,3 @@ class RankAdapterCustomTextCLIP(RankAdapterMixin, CustomTextCLIP):
 
     def encode_text_tokens(self, text: torch.Tensor):
         return self.text(text)
-
-
-def is_rank_adapter(model) -> bool:
-    return isinstance(getattr(model, 'module', model), RankAdapterMixin)

@@ -1,0 +1,192 @@
+"""Every private or structural touch on OpenCLIP (and torch) that the plugin depends on, in one place.
+
+OpenCLIP has no plugin API, so the plugin relies on a handful of *patch points*: module attributes it
+replaces, private names it reads, the shape of ``open_clip_train.main``. Each is declared here with a
+check. When OpenCLIP moves one (its main branch already routes ``main.py`` through ``create_task``),
+the plugin fails as the module is imported, with one line naming the missing point and the supported
+OpenCLIP range, instead of silently doing nothing. ``hook.py`` applies the patches; nothing else in
+the package touches OpenCLIP's private names.
+"""
+import functools
+import importlib.util
+import json
+import logging
+import types
+from pathlib import Path
+from typing import Iterable
+
+_logger = logging.getLogger(__name__)
+
+SUPPORTED_OPENCLIP = '>=3.3,<3.4'
+_SUPPORTED_MAJOR_MINOR = (3, 3)
+
+# open_clip.factory: create_model looks these names up in the module at call time, so replacing
+# the module attributes changes what it builds and how it loads weights.
+FACTORY_NAMES_USED_BY_CREATE_MODEL = ('CLIP', 'CustomTextCLIP', 'load_checkpoint')
+# open_clip_train.<module>.<function>: wrapped when the module is first imported.
+TRAINING_PATCH_POINTS = {
+    'params': 'parse_args',
+    'data': 'get_data',
+    'train': 'evaluate',
+    'distributed': 'init_distributed_device',
+}
+# What open_clip_train.main must still call for the patches above (and create_loss) to take effect.
+NAMES_MAIN_MUST_CALL = ('parse_args', 'get_data', 'create_loss', 'evaluate', 'train_one_epoch',
+                        'init_distributed_device', 'DistributedDataParallel')
+
+
+class PatchPointMissing(ImportError):
+    """OpenCLIP no longer has something the plugin patches: this OpenCLIP version is unsupported."""
+
+
+def missing(point: str, version: str) -> PatchPointMissing:
+    return PatchPointMissing(
+        f"open_clip_rank: OpenCLIP {version} has no patch point {point}; open_clip_rank supports "
+        f"open_clip_torch{SUPPORTED_OPENCLIP}: install a supported version (pip install 'open_clip_torch{SUPPORTED_OPENCLIP}').")
+
+
+def _version_tuple(version: str):
+    parts = []
+    for piece in version.split('.')[:2]:
+        digits = ''.join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_version(open_clip) -> None:
+    """A version outside the tested range only warns: the patch-point checks decide whether it works."""
+    version = getattr(open_clip, '__version__', '?')
+    if _version_tuple(version) != _SUPPORTED_MAJOR_MINOR:
+        _logger.warning(f"open_clip_rank is tested with open_clip_torch{SUPPORTED_OPENCLIP}, found {version}; "
+                        f"every patch point is present, continuing.")
+
+
+def _names_referenced(code: types.CodeType) -> set:
+    """Global and attribute names a code object (and every function nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_referenced(const)
+    return names
+
+
+def check_factory(open_clip) -> None:
+    from open_clip import factory, pretrained
+    version = open_clip.__version__
+    for name in (*FACTORY_NAMES_USED_BY_CREATE_MODEL, 'create_loss', 'create_model', 'parse_model_name',
+                 '_get_hf_config'):
+        if not hasattr(factory, name):
+            raise missing(f"open_clip.factory.{name}", version)
+    used = _names_referenced(factory.create_model.__code__)
+    for name in FACTORY_NAMES_USED_BY_CREATE_MODEL:
+        if name not in used:
+            raise missing(f"open_clip.factory.create_model -> {name} (create_model no longer uses it)", version)
+    if not isinstance(getattr(pretrained, '_PRETRAINED', None), dict):
+        raise missing("open_clip.pretrained._PRETRAINED", version)
+
+
+def check_training_package(package: str, version: str) -> None:
+    """``open_clip_train.main`` must still call what the plugin patches (read from its code, not run)."""
+    spec = importlib.util.find_spec(f'{package}.main')
+    code = spec.loader.get_code(spec.name) if spec is not None and spec.loader is not None else None
+    if code is None:
+        raise missing(f"{package}.main", version)
+    used = _names_referenced(code)
+    for name in NAMES_MAIN_MUST_CALL:
+        if name not in used:
+            raise missing(f"{package}.main -> {name} (main no longer calls it)", version)
+
+
+def training_patch_point(module, version: str):
+    """(name, function) of the training module's patch point, or PatchPointMissing."""
+    short = module.__name__.rsplit('.', 1)[-1]
+    name = TRAINING_PATCH_POINTS[short]
+    if not callable(getattr(module, name, None)):
+        raise missing(f"{module.__name__}.{name}", version)
+    return name
+
+
+# --- private names, read or extended ------------------------------------------------------------
+
+def pretrained_registry() -> dict:
+    """OpenCLIP's table of pretrained tags, {model name: {tag: cfg}} (private, no public way to add)."""
+    from open_clip import pretrained
+    return pretrained._PRETRAINED
+
+
+def read_model_config(model_name: str):
+    """The model config a name resolves to (built-in, ``local-dir:``, ``hf-hub:``), without building it.
+
+    Returns None when it cannot be read here; OpenCLIP then reports the problem when it builds the model.
+    """
+    import open_clip
+    from open_clip import factory
+    schema, identifier = factory.parse_model_name(model_name)
+    try:
+        if schema is None:
+            return open_clip.get_model_config(identifier.replace('/', '-'))
+        if schema == 'local-dir':
+            return json.loads((Path(identifier) / 'open_clip_config.json').read_text()).get('model_cfg')
+        return factory._get_hf_config(identifier).get('model_cfg')
+    except Exception:  # missing file, no network: not ours to report
+        return None
+
+
+def openclip_evaluates_val(args, epoch: int) -> bool:
+    """When ``open_clip_train.train.evaluate`` runs its validation pass (3.3's schedule, kept identical)."""
+    return bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
+
+
+# --- torch ---------------------------------------------------------------------------------------
+
+def allow_cpu_ddp_device_ids() -> None:
+    """OpenCLIP 3.3's main wraps the model as ``DistributedDataParallel(model, device_ids=[device])``,
+    which torch rejects for CPU modules. For CPU (gloo) runs DDP is given a subclass that drops
+    ``device_ids`` for CPU modules, the one case that would raise; everything else is unchanged."""
+    import torch
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if getattr(ddp, '_open_clip_rank', False):
+        return
+
+    class DistributedDataParallel(ddp):
+        _open_clip_rank = True
+
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = DistributedDataParallel
+
+
+def register_output_type(cls) -> None:
+    """Make a dict subclass of model outputs a pytree node like ``dict``.
+
+    DDP flattens a module's outputs with ``torch.utils._pytree`` to route their gradients through its
+    reducer; an unregistered dict subclass would be one opaque leaf and its tensors would be missed.
+    """
+    from torch.utils import _pytree
+    if not hasattr(_pytree, 'register_pytree_node'):
+        raise missing('torch.utils._pytree.register_pytree_node', 'with this torch')
+
+    def flatten(out):
+        return list(out.values()), list(out.keys())
+
+    def unflatten(values: Iterable, keys):
+        return cls(zip(keys, values))
+
+    _pytree.register_pytree_node(cls, flatten, unflatten,
+                                 serialized_type_name=f'{cls.__module__}.{cls.__qualname__}')
+
+
+def wraps_once(original):
+    """functools.wraps that marks the wrapper as the plugin's, so patching twice is a no-op."""
+    def decorate(wrapper):
+        wrapper = functools.wraps(original)(wrapper)
+        wrapper._open_clip_rank = True
+        return wrapper
+    return decorate
+
+
+def is_patched(fn) -> bool:
+    return getattr(fn, '_open_clip_rank', False)

@@ -1,0 +1,8 @@
+"""Rank data, by concern: ``table`` (CSV reading and validation), ``sampler`` (rank batches),
+``dataset`` (samples and collation), ``transforms`` (resize without crop), ``loaders`` (OpenCLIP's
+``get_data`` shape; the only module here that imports ``open_clip_train``, so it is not imported here).
+"""
+from .dataset import RankDataset, collate_rank_batch
+from .sampler import FixedEpoch, RankBatchSampler
+from .table import RankDataError, RankTable, load_rank_table
+from .transforms import rank_transforms

@@ -1,0 +1,80 @@
+"""Rank samples: an image, its (possibly re-worded) instruction, its target; batched into ``RankTexts``.
+
+A negative sample (an image of another category in a category's batch) gets the batch's category
+word in its caption and target 0 ("Rank the numbers of horse" on an image with no horse).
+"""
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..models.base import RankTexts
+from .table import RankTable
+
+_logger = logging.getLogger(__name__)
+
+
+class RankDataset(Dataset):
+    """Map-style dataset indexed by (row, batch_category) keys or plain row numbers.
+
+    An image that cannot be read is skipped and logged with a running count. In training the next
+    row of the same category takes its place so every batch keeps its size; in evaluation it is
+    left out of the metrics.
+    """
+
+    def __init__(self, table: RankTable, transform, tokenizer, replace_unreadable: bool = True):
+        self.table = table
+        self.transform = transform
+        self.tokenize = tokenizer
+        self.replace_unreadable = replace_unreadable
+        self.num_skipped = 0
+
+    def __len__(self):
+        return len(self.table)
+
+    def _caption(self, row, batch_category):
+        caption = self.table.captions[row]
+        if batch_category < 0:
+            return caption, float(self.table.values[row]), int(self.table.category_ids[row])
+        own = self.table.category_names[self.table.category_ids[row]]
+        return caption.replace(own, self.table.category_names[batch_category]), 0.0, batch_category
+
+    def _load_image(self, row):
+        path = self.table.paths[row]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert('RGB'))
+        except Exception as err:  # unreadable or truncated file: skip, count, keep training
+            self.num_skipped += 1
+            _logger.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
+                            f"{self.num_skipped} skipped so far in this data worker.")
+            return None
+
+    def __getitem__(self, key):
+        row, batch_category = key if isinstance(key, tuple) else (key, -1)
+        image = self._load_image(row)
+        if image is None and self.replace_unreadable:
+            same = self.table.rows_of(self.table.category_ids[row])
+            start = int(np.searchsorted(same, row))
+            for step in range(1, len(same)):
+                candidate = int(same[(start + step) % len(same)])
+                image = self._load_image(candidate)
+                if image is not None:
+                    row = candidate
+                    break
+        if image is None:
+            return None
+        caption, target, category = self._caption(row, batch_category)
+        return image, self.tokenize([caption])[0], target, category
+
+
+def collate_rank_batch(samples, with_pairs: bool = True):
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    images, tokens, targets, categories = zip(*samples)
+    return torch.stack(images), RankTexts(
+        torch.stack(tokens), torch.tensor(targets, dtype=torch.float32), torch.tensor(categories, dtype=torch.long),
+        with_pairs)

@@ -1,0 +1,87 @@
+"""The rank batch sampler: one category (instruction) per batch, a pure function of (seed, epoch, rank).
+
+Deterministic, different across ranks and epochs, and independent of ``--workers`` (the official
+code kept a counter inside ``__getitem__`` and relied on each worker fetching whole batches).
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from .table import RankDataError, RankTable
+
+
+class FixedEpoch(NamedTuple):
+    """Stands in for OpenCLIP's ``SharedEpoch`` (anything with ``get_value()``) outside its loop."""
+    value: int
+
+    def get_value(self) -> int:
+        return self.value
+
+
+class RankBatchSampler:
+    """Yields batches of (row, batch_category) keys; batch_category is -1 for positives.
+
+    Per batch (as the official sampler): a category drawn uniformly; ``n_pos = B - round(B * ratio)``
+    positives drawn from it without replacement, with probability proportional to the weight column
+    when there is one. A category with fewer rows than ``n_pos`` contributes all its rows and the rest
+    of the batch is negatives, so every batch has exactly ``batch_size`` samples. Negatives are drawn
+    from the other categories only (the original could draw them from the same category and label them 0).
+
+    The global plan of ``len(table) // (batch_size * world_size) * world_size`` batches depends only on
+    (seed, epoch); rank r takes batches r, r + world_size, ...
+    """
+
+    def __init__(self, table: RankTable, batch_size: int, negative_ratio: float = 0.0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shared_epoch=None):
+        if batch_size < 2:
+            raise RankDataError(f"rank sampling needs --batch-size >= 2 (pairs within a batch), got {batch_size}.")
+        self.table = table
+        self.batch_size = batch_size
+        self.num_negatives = int(round(batch_size * negative_ratio))
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shared_epoch = shared_epoch or FixedEpoch(0)
+        self.rows = [table.rows_of(c) for c in range(len(table.category_names))]
+        self.num_batches = len(table) // (batch_size * world_size)
+        if self.num_batches == 0:
+            raise RankDataError(
+                f"{table.source} has {len(table)} rows, fewer than one batch per process "
+                f"(--batch-size {batch_size} x {world_size} process(es)); lower --batch-size or add data.")
+        if self.num_negatives and len(self.rows) < 2:
+            raise RankDataError(
+                f"--negative-ratio {negative_ratio} needs images of at least two categories to draw negatives from, "
+                f"but {table.source} has one ({table.category_names[0]!r}); use --negative-ratio 0.")
+
+    def __len__(self):
+        return self.num_batches
+
+    def _positives(self, rng, category, count):
+        rows = self.rows[category]
+        if self.table.weights is None:
+            return rng.choice(rows, size=count, replace=False)
+        w = self.table.weights[rows]
+        if w.sum() <= 0:
+            w = np.ones_like(w)
+        # weighted sampling without replacement (Efraimidis-Spirakis keys); zero weights come last
+        keys = np.log(rng.random(len(rows))) / np.maximum(w, 1e-300)
+        return rows[np.argsort(-keys)[:count]]
+
+    def _negatives(self, rng, category, count):
+        others = np.flatnonzero(self.table.category_ids != category)
+        return rng.choice(others, size=count, replace=count > len(others))
+
+    def plan(self, epoch: int):
+        """All batches of this rank for ``epoch``, as lists of (row, batch_category) keys."""
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for _ in range(self.num_batches * self.world_size):
+            category = int(rng.integers(len(self.rows)))
+            n_pos = min(self.batch_size - self.num_negatives, len(self.rows[category]))
+            positives = self._positives(rng, category, n_pos)
+            negatives = self._negatives(rng, category, self.batch_size - n_pos)
+            keys = [(int(r), -1) for r in positives] + [(int(r), category) for r in negatives]
+            order = rng.permutation(len(keys))
+            batches.append([keys[i] for i in order])
+        return batches[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.plan(self.shared_epoch.get_value()))

@@ -1,0 +1,115 @@
+"""The method families the plugin brings to OpenCLIP, and the model configs it ships.
+
+A family is a model-config key (``adapter_cfg``): any OpenCLIP config carrying it builds that family's
+model classes, whose default loss, data sample types and derived-name suffix (``RN50`` ->
+``RN50-adapter``) are declared here. ``hook.py`` dispatches through this table and nothing else;
+adding a family is one model module plus one ``register_family`` call below.
+"""
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple
+
+# Derived configs whose base is not simply the name without the suffix.
+BASE_MODEL_ALIASES = {
+    'convnext_base_w_224': 'convnext_base_w',  # same towers as convnext_base_w, 224 px
+    'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
+}
+# Extra model-config folders (os.pathsep-separated) registered with OpenCLIP, e.g. for your own configs.
+EXTRA_CONFIGS_ENV = 'OPEN_CLIP_RANK_MODEL_CONFIGS'
+
+
+@dataclass(frozen=True)
+class RankFamily:
+    name: str
+    config_key: str  # its presence in a model config selects this family
+    suffix: str  # derived config names: '<base><suffix>'
+    model_module: str  # module holding the model classes (imported on first use)
+    clip_class: str  # built where OpenCLIP would build ``CLIP``
+    custom_text_class: str  # ... and ``CustomTextCLIP``
+    default_loss: str  # --loss-opt when none is given
+    sample_types: Tuple[str, ...]  # --csv-dataset-sample-type values this family trains on
+    base_aliases: Mapping[str, str] = field(default_factory=lambda: BASE_MODEL_ALIASES)
+
+    def model_class(self, custom_text: bool):
+        module = importlib.import_module(self.model_module)
+        return getattr(module, self.custom_text_class if custom_text else self.clip_class)
+
+
+FAMILIES: Dict[str, RankFamily] = {}
+
+
+def register_family(family: RankFamily) -> RankFamily:
+    for other in FAMILIES.values():
+        if other.name != family.name and family.config_key == other.config_key:
+            raise ValueError(f"config key {family.config_key!r} already belongs to the {other.name} family.")
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(RankFamily(
+    name='adapter', config_key='adapter_cfg', suffix='-adapter', model_module='open_clip_rank.models.adapter',
+    clip_class='RankAdapterCLIP', custom_text_class='RankAdapterCustomTextCLIP',
+    default_loss='single-head',  # as the original training code
+    sample_types=('rank',),
+))
+
+
+def family_for_config(model_cfg: Optional[Mapping]) -> Optional[RankFamily]:
+    """The family of a model config dict (None: a plain OpenCLIP config)."""
+    found = [f for f in FAMILIES.values() if model_cfg and f.config_key in model_cfg]
+    if len(found) > 1:
+        raise ValueError(f"a model config may carry one of {[f.config_key for f in found]}, not several.")
+    return found[0] if found else None
+
+
+def family_for_model(model) -> Optional[RankFamily]:
+    """The family of a built model (DDP-wrapped or not); None for plain OpenCLIP models."""
+    from .models.base import RankModel, unwrap
+    model = unwrap(model)
+    return FAMILIES[model.family_name] if isinstance(model, RankModel) else None
+
+
+def family_for_model_name(model_name: Optional[str]) -> Optional[RankFamily]:
+    """The family a model name (built-in, ``local-dir:``, ``hf-hub:``) resolves to, from its config."""
+    if not model_name:
+        return None
+    from .compat import read_model_config
+    return family_for_config(read_model_config(model_name))
+
+
+def base_model_name(model_name: str) -> Optional[str]:
+    """'convnext_large_d_320-adapter' -> 'convnext_large_d_320' (None if not a derived name)."""
+    for family in FAMILIES.values():
+        if model_name.endswith(family.suffix):
+            base = model_name[:-len(family.suffix)]
+            return family.base_aliases.get(base, base)
+    return None
+
+
+# --- shipped configs -------------------------------------------------------------------------------
+
+def _find_config_dir() -> Path:
+    """Installed wheels carry the configs inside the package; source and editable installs beside it."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / 'model_configs', here.parent / 'model_configs'):
+        if candidate.is_dir() and any(candidate.glob('*.json')):
+            return candidate
+    raise RuntimeError(f"open_clip_rank model configs not found near {here}; reinstall the package.")
+
+
+CONFIG_DIR = _find_config_dir()
+
+
+def plugin_config_names():
+    return sorted(p.stem for p in CONFIG_DIR.glob('*.json'))
+
+
+def config_dirs():
+    """The shipped folder, then the folders named by OPEN_CLIP_RANK_MODEL_CONFIGS."""
+    extra = [Path(p) for p in os.environ.get(EXTRA_CONFIGS_ENV, '').split(os.pathsep) if p]
+    for folder in extra:
+        if not folder.exists():
+            raise RuntimeError(f"{EXTRA_CONFIGS_ENV} names {folder}, which does not exist.")
+    return [CONFIG_DIR, *extra]
