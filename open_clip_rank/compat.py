@@ -137,6 +137,35 @@ def openclip_evaluates_val(args, epoch: int) -> bool:
     return bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
 
 
+# --- upstream bugs the plugin works around -------------------------------------------------------
+
+def numpy_rejects_size_one_arrays() -> bool:
+    """NumPy >= 2.4 no longer converts a 1-element 1-d array to a Python float."""
+    import numpy as np
+    try:
+        float(np.ones(1))
+    except TypeError:
+        return True
+    return False
+
+
+def topk_correct(output, target, topk=(1,)):
+    """Same result as ``open_clip_train.zero_shot.accuracy`` of 3.3 (counts of correct top-k predictions),
+    which calls ``float()`` on a 1-element array and so fails under NumPy >= 2.4 for every model."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() for k in topk]
+
+
+def fix_zero_shot_accuracy(module) -> bool:
+    """Give ``<training package>.zero_shot`` a NumPy-2.4-safe ``accuracy`` where it needs one."""
+    if not numpy_rejects_size_one_arrays() or not callable(getattr(module, 'accuracy', None)):
+        return False
+    if not is_patched(module.accuracy):
+        module.accuracy = wraps_once(module.accuracy)(topk_correct)
+    return True
+
+
 # --- torch ---------------------------------------------------------------------------------------
 
 def allow_cpu_ddp_device_ids() -> None:

@@ -38,27 +38,37 @@ def predict(model, dataloader, device, autocast, input_dtype=None):
     return torch.cat(scores), torch.cat(targets), torch.cat(categories)
 
 
-def evaluate_ranking(model, data, epoch, args, tb_writer=None):
-    """Same contract as ``open_clip_train.train.evaluate``: returns the metrics dict (master only)."""
-    from open_clip.model import get_input_dtype
+def evaluate_ranking(model, data, epoch, args, tb_writer=None, other_metrics=None):
+    """Same contract as ``open_clip_train.train.evaluate``: returns the metrics dict (master only).
+
+    ``other_metrics`` (e.g. OpenCLIP's zero-shot ImageNet results for this epoch) are reported
+    together with the ranking metrics: one log line, one ``results.jsonl`` record per evaluation.
+    """
     from open_clip_train.distributed import is_master
-    from open_clip_train.precision import get_autocast
 
     if not is_master(args):
         return {}
-    info = data['val']
-    if not openclip_evaluates_val(args, epoch):
-        return {}
+    metrics = dict(other_metrics or {})
+    if openclip_evaluates_val(args, epoch):
+        metrics.update(ranking_validation(model, data['val'], args))
+    if not metrics:
+        return metrics
+    metrics = {'epoch': epoch, **metrics}
+    _logger.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    _report(metrics, epoch, args, tb_writer)
+    return metrics
+
+
+def ranking_validation(model, info, args) -> dict:
+    """Per-category and mean ranking metrics of the model's scores on the validation set."""
+    from open_clip.model import get_input_dtype
+    from open_clip_train.precision import get_autocast
     device = torch.device(args.device)
     model.eval()
     autocast = get_autocast(args.precision, device_type=device.type)
     scores, targets, category_ids = predict(model, info.dataloader, device, autocast, get_input_dtype(args.precision))
     names = info.table.category_names
-    metrics = ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
-    metrics = {'epoch': epoch, **metrics}
-    _logger.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-    _report(metrics, epoch, args, tb_writer)
-    return metrics
+    return ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
 
 
 def _report(metrics, epoch, args, tb_writer):

@@ -14,7 +14,8 @@ Patched:
 * OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
   when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (rank sample types),
-  ``evaluate`` (ranking metrics for rank validation data), ``init_distributed_device`` (CPU DDP).
+  ``evaluate`` (ranking metrics for rank validation data), ``init_distributed_device`` (CPU DDP), and
+  ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in ``compat``).
 """
 import copy
 import logging
@@ -48,6 +49,7 @@ def register():
     for package in TRAINING_PACKAGES:
         for module in compat.TRAINING_PATCH_POINTS:
             _bootstrap.when_imported(f'{package}.{module}', _patch_training_module)
+        _bootstrap.when_imported(f'{package}.zero_shot', _fix_zero_shot)
     _logger.debug('open_clip_rank registered with OpenCLIP')
 
 
@@ -137,6 +139,12 @@ def _patch_training_module(module):
     setattr(module, name, compat.wraps_once(original)(wrapper))
 
 
+def _fix_zero_shot(module):
+    """OpenCLIP 3.3's zero-shot top-k count fails under NumPy >= 2.4 (for every model): fixed in compat."""
+    if _from_openclip_checkout(module) and compat.fix_zero_shot_accuracy(module):
+        _logger.debug(f"{module.__name__}.accuracy replaced by a NumPy-2.4-safe equivalent")
+
+
 def _parse_args(original):
     from .params import wrap_parse_args
     return wrap_parse_args(original)
@@ -168,11 +176,12 @@ def _evaluate(original):
         if not isinstance(data.get('val'), RankDataInfo):
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
         from .evaluate import evaluate_ranking
-        metrics = evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer)
-        others = {k: v for k, v in data.items() if k != 'val'}  # zero-shot ImageNet: OpenCLIP's own
-        if others:
-            metrics.update(original(model, others, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer))
-        return metrics
+        others = {k: v for k, v in data.items() if k != 'val'}  # zero-shot ImageNet: OpenCLIP evaluates it,
+        quiet = copy.copy(args)  # the plugin reports it with the ranking metrics (one results.jsonl record)
+        quiet.save_logs = quiet.wandb = False
+        other_metrics = original(model, others, epoch, quiet, tokenizer=tokenizer) if others else {}
+        other_metrics.pop('epoch', None)
+        return evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer, other_metrics=other_metrics)
 
     return evaluate
 

@@ -1,5 +1,7 @@
 """Shared test helpers: tiny model configs, the ../shared fixtures, subprocess environments."""
 import os
+import site
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,3 +38,38 @@ def subprocess_env(**extra):
 @pytest.fixture
 def python():
     return sys.executable
+
+
+# --- an installed copy of the project, with only its own .pth processed ----------------------------
+
+def site_packages():
+    return [p for p in site.getsitepackages() if p.endswith('site-packages')]
+
+
+def run(args, env, cwd=None):
+    """A child process; the timeout only guards against hangs."""
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='session')
+def target_install(tmp_path_factory):
+    """``pip install --target DIR .``: a regular (wheel) install into an empty directory."""
+    target = tmp_path_factory.mktemp('target')
+    result = run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                  '--target', str(target), str(REPO_ROOT)], subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert (target / 'open_clip_rank-autoload.pth').is_file()
+    assert (target / 'open_clip_rank' / 'model_configs' / 'RN50-adapter.json').is_file()
+    return target
+
+
+def isolated_python(target, code, **env):
+    """python -S: no site processing, so only the target's .pth can install the hook.
+
+    The environment's site-packages (torch, open_clip) go on sys.path as plain paths, so their
+    .pth files, including an installed open_clip_rank's, are NOT processed.
+    """
+    bootstrap = (f"import sys, site; sys.path[:0] = [p for p in {site_packages()!r}]; "
+                 f"site.addsitedir({str(target)!r}); sys.path.remove({str(target)!r}); "
+                 f"sys.path.insert(0, {str(target)!r}); ")
+    return run([sys.executable, '-S', '-c', bootstrap + code], subprocess_env(**env), cwd=str(target))

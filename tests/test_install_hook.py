@@ -1,45 +1,10 @@
 """The autoload hook: a fresh install makes OpenCLIP know the plugin without importing it."""
 import shutil
-import site
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO_ROOT, subprocess_env
-
-def _site_packages():
-    return [p for p in site.getsitepackages() if p.endswith('site-packages')]
-
-
-def _run(args, env, cwd=None):
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope='module')
-def target_install(tmp_path_factory):
-    """``pip install --target DIR .``: a regular (wheel) install into an empty directory."""
-    target = tmp_path_factory.mktemp('target')
-    result = _run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
-                   '--target', str(target), str(REPO_ROOT)], subprocess_env())
-    assert result.returncode == 0, result.stderr
-    assert (target / 'open_clip_rank-autoload.pth').is_file()
-    assert (target / 'open_clip_rank' / 'model_configs' / 'RN50-adapter.json').is_file()
-    return target
-
-
-def _isolated_python(target, code, **env):
-    """python -S: no site processing, so only the target's .pth can install the hook.
-
-    The environment's site-packages (torch, open_clip) go on sys.path as plain paths, so their
-    .pth files, including an installed open_clip_rank's, are NOT processed.
-    """
-    bootstrap = (f"import sys, site; sys.path[:0] = [p for p in {_site_packages()!r}]; "
-                 f"site.addsitedir({str(target)!r}); sys.path.remove({str(target)!r}); "
-                 f"sys.path.insert(0, {str(target)!r}); ")
-    return _run([sys.executable, '-S', '-c', bootstrap + code], subprocess_env(**env), cwd=str(target))
-
+from conftest import REPO_ROOT, isolated_python as _isolated_python, run as _run, site_packages as _site_packages, \
+    subprocess_env
 
 def test_pth_autoload_registers_on_open_clip_import(target_install):
     code = ("import sys; assert 'torch' not in sys.modules, 'the .pth must not import torch'; "
@@ -118,3 +83,7 @@ def test_editable_install_gets_the_pth(tmp_path):
     assert result.returncode == 0, result.stderr
     origin, listed = result.stdout.split()
     assert origin.startswith(str(REPO_ROOT)) and listed == 'True'
+    # the design card's command: the original fork's ``training.main`` runs OpenCLIP's trainer with the plugin
+    result = _run([str(inner_python), '-m', 'training.main', '--help'], subprocess_env(), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert '--loss-opt' in result.stdout and '--dataset-type' in result.stdout

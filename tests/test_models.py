@@ -224,3 +224,66 @@ def test_local_dir_config_with_adapter_cfg_builds_and_loads(tmp_path):
     assert isinstance(model, RankAdapterCLIP)
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+# --- OpenCLIP's forward contract and the official output names ---------------------------------------
+
+def test_one_tower_forward_is_a_plain_clip_forward():
+    """model(image=x) / model(text=t) on a rank model return what the same towers in a plain CLIP return."""
+    torch.manual_seed(5)
+    rank = open_clip.create_model('tiny-vit-adapter')
+    plain = open_clip.create_model('tiny-vit')
+    plain.load_state_dict({k: v for k, v in rank.state_dict().items() if k in plain.state_dict()})
+    rank.eval(), plain.eval()
+    images, texts, _ = _batch('tiny-vit-adapter')
+    with torch.no_grad():
+        image_features, text_features, logit_scale = rank(image=images)[0], rank(text=texts)[1], rank(image=images)[2]
+        expected = plain(images, texts)
+    torch.testing.assert_close(image_features, expected[0])
+    torch.testing.assert_close(text_features, expected[1])
+    torch.testing.assert_close(logit_scale, expected[2])
+    rank.output_dict = True
+    with torch.no_grad():
+        out = rank(image=images)
+    assert set(out) == {'image_features', 'text_features', 'logit_scale'} and out['text_features'] is None
+    torch.testing.assert_close(out['image_features'], expected[0])
+
+
+@pytest.mark.parametrize('name', ['tiny-convnext-adapter', 'tiny-customtext-adapter'])
+def test_one_tower_forward_on_every_tower_kind(name):
+    model = open_clip.create_model(name, output_dict=True).eval()
+    images, texts, _ = _batch(name)
+    with torch.no_grad():
+        image_features = model(image=images)['image_features']
+        text_features = model(text=texts)['text_features']
+        tokens = model.encode_image_tokens(images)
+    assert image_features.shape == (4, 32) and text_features.shape == (4, 32)
+    torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(4))
+    if 'convnext' in name:  # an un-pooled timm trunk: pooled = global average of its map
+        torch.testing.assert_close(image_features, torch.nn.functional.normalize(tokens.mean(dim=1), dim=-1))
+
+
+def test_official_output_names_are_read_only_aliases():
+    torch.manual_seed(0)
+    model = open_clip.create_model('tiny-vit-adapter').eval()
+    images, texts, _ = _batch('tiny-vit-adapter')
+    with torch.no_grad():
+        out = model(images, texts)
+    assert 'adapter_logits' not in out and 'adapter_paired_logits' not in out  # not entries: not iterated
+    torch.testing.assert_close(out['adapter_logits'], out['rank_scores'].view(4, 1))
+    paired = out['adapter_paired_logits']
+    assert paired.shape == (16, 1)
+    assert paired[1 * 4 + 3, 0] == out['pair_logits'][1, 3]  # row i*N + j: pair (i, j), as the official
+    with pytest.raises(KeyError):
+        out['image_features']  # the adapter's tokens are 'image_tokens'
+
+
+def test_rank_outputs_flatten_like_dicts_for_ddp():
+    """DDP routes outputs through torch's pytree: the output type must flatten to its tensors and back."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+    model = open_clip.create_model('tiny-vit-adapter')
+    out = model(*_batch('tiny-vit-adapter')[:2])
+    leaves, spec = tree_flatten(out)
+    assert len(leaves) == len(out) and all(isinstance(t, torch.Tensor) for t in leaves)
+    rebuilt = tree_unflatten(leaves, spec)
+    assert type(rebuilt) is type(out) and rebuilt['adapter_logits'].shape == (4, 1)

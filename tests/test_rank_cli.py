@@ -131,3 +131,23 @@ def test_bad_inputs_are_clear(dataset, tmp_path):
     mismatch = subprocess.run(base + ['--model', MODEL, '--checkpoint-path', str(fixture)], env=env,
                               capture_output=True, text=True, timeout=300)
     assert mismatch.returncode == 2 and 'does not fit this model' in mismatch.stderr.splitlines()[-1]
+
+
+def test_ranking_imports_no_training_module(dataset, tmp_path):
+    """Inference and the rank CLI need OpenCLIP, never its training package (open_clip_train)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['rank', '--model', {MODEL!r}, '--checkpoint-path', {str(dataset['checkpoint'])!r}, "
+        f"'--images', {str(dataset['folder'])!r}, '--prompt', 'Rank the numbers of circle.', '--pairwise', "
+        f"'--output-path', {str(tmp_path / 'out')!r}, '--no-progress']\n"
+        "try:\n"
+        "    runpy.run_module('open_clip_rank.rank', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exit_:\n"
+        "    assert not exit_.code, exit_.code\n"
+        "import open_clip_rank.inference\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip_train', 'training')))\n")
+    result = subprocess.run([sys.executable, '-c', code], env=subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(
+        TEST_CONFIG_DIR)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == '[]'
+    assert (tmp_path / 'out.csv').is_file()

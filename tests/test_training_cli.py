@@ -91,3 +91,24 @@ def test_negative_ratio_out_of_range_is_a_usage_error(tmp_path, rank_csvs):
     result = _train(['--train-data', rank_csvs[0], '--negative-ratio', '1.5'], tmp_path, 'ratio')
     assert result.returncode == 2
     assert '--negative-ratio must be in [0, 1), got 1.5' in result.stderr
+
+
+def test_zero_shot_imagenet_eval_on_a_rank_models_towers(rank_csvs, tmp_path):
+    """--imagenet-val during rank training: OpenCLIP's zero-shot runs on the towers (model(image=x))."""
+    from PIL import Image
+    folder = tmp_path / 'imagenet_val'
+    for c, color in enumerate(((200, 30, 30), (30, 30, 200))):
+        (folder / f'n0000000{c}').mkdir(parents=True)
+        for k in range(3):
+            Image.new('RGB', (32, 32), color).save(folder / f'n0000000{c}' / f'{k}.png')
+    train, val = rank_csvs
+    result = _train(['--train-data', train, '--val-data', val, '--epochs', '1', '--loss-opt', 'single-head',
+                     '--imagenet-val', str(folder), '--zeroshot-frequency', '1'], tmp_path, 'zeroshot')
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = _results(tmp_path, 'zeroshot')
+    assert len(results) == 1  # one record per evaluation: ranking and zero-shot together
+    record = results[0]
+    assert record['epoch'] == 1 and 'srcc' in record
+    assert 0.0 <= record['imagenet-zeroshot-val-top1'] <= 1.0 and 'imagenet-zeroshot-val-top5' in record
+    log = (tmp_path / 'logs' / 'zeroshot' / 'out.log').read_text()
+    assert 'imagenet-zeroshot-val-top1' in log

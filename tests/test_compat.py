@@ -1,0 +1,152 @@
+"""Every patch point the plugin relies on is live, and a moved one fails loudly at import."""
+import contextlib
+import subprocess
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import open_clip
+import open_clip_train.data
+import open_clip_train.distributed
+import open_clip_train.params
+import open_clip_train.train
+from open_clip import factory
+from open_clip_rank import compat, hook
+from open_clip_rank.registry import FAMILIES
+from conftest import subprocess_env
+
+
+def test_factory_patch_points_are_live():
+    for name in ('CLIP', 'CustomTextCLIP', 'load_checkpoint', 'create_loss'):
+        assert compat.is_patched(getattr(factory, name)), name
+    assert open_clip.load_checkpoint is factory.load_checkpoint
+    assert open_clip.create_loss is factory.create_loss
+    # create_model really goes through the dispatchers: a family config builds that family's class
+    model = open_clip.create_model('tiny-vit-adapter')
+    assert type(model).__name__ == FAMILIES['adapter'].clip_class
+    assert type(open_clip.create_model('tiny-vit')) is open_clip.CLIP
+    assert compat.pretrained_registry()['convnext_large_d_320-adapter'] is compat.pretrained_registry()[
+        'convnext_large_d_320']
+
+
+@pytest.mark.parametrize('module', [open_clip_train.params, open_clip_train.data, open_clip_train.train,
+                                    open_clip_train.distributed])
+def test_training_patch_points_are_live(module):
+    name = compat.TRAINING_PATCH_POINTS[module.__name__.rsplit('.', 1)[-1]]
+    assert compat.is_patched(getattr(module, name))
+
+
+def test_openclip_train_main_still_calls_what_is_patched():
+    compat.check_training_package('open_clip_train', open_clip.__version__)
+    import open_clip_train.main as main  # its from-imports bound the patched functions
+    assert compat.is_patched(main.parse_args) and compat.is_patched(main.get_data)
+    assert compat.is_patched(main.evaluate) and compat.is_patched(main.create_loss)
+
+
+def test_moved_patch_points_fail_with_one_line(monkeypatch):
+    moved = types.ModuleType('open_clip_train.data')  # e.g. get_data renamed upstream
+    with pytest.raises(compat.PatchPointMissing) as info:
+        compat.training_patch_point(moved, '9.9.0')
+    message = str(info.value)
+    assert '\n' not in message
+    assert 'open_clip_train.data.get_data' in message and compat.SUPPORTED_OPENCLIP in message
+
+    def create_model(*args, **kwargs):  # a create_model that no longer looks up CLIP in the module
+        return None
+
+    monkeypatch.setattr(factory, 'create_model', create_model)
+    with pytest.raises(compat.PatchPointMissing, match=r"create_model -> CLIP .*open_clip_torch>=3.3,<3.4"):
+        compat.check_factory(open_clip)
+
+
+def test_main_routed_elsewhere_is_detected(tmp_path, monkeypatch):
+    """OpenCLIP's main branch routes main.py through create_task: no create_loss call left in main."""
+    package = tmp_path / 'fake_train'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    (package / 'main.py').write_text('def main(args):\n    task = create_task(parse_args(args))\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(compat.PatchPointMissing, match=r'fake_train.main -> get_data'):
+        compat.check_training_package('fake_train', '3.4.0')
+
+
+def test_plugin_import_fails_loudly_when_openclip_moved():
+    """A fresh interpreter whose OpenCLIP lacks a patch point: ``import open_clip`` raises one named line."""
+    code = ("import open_clip.factory as f; del f.CustomTextCLIP; import open_clip_rank.hook as h; h.register()")
+    result = subprocess.run([sys.executable, '-c', code], env=subprocess_env(OPEN_CLIP_RANK_AUTOLOAD='0'),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert 'open_clip.factory.CustomTextCLIP' in last and 'open_clip_torch>=3.3,<3.4' in last
+
+
+@pytest.mark.parametrize('val_frequency,epochs', [(1, 3), (2, 5), (3, 4), (0, 2)])
+def test_val_schedule_is_openclips(val_frequency, epochs):
+    """The rank evaluation runs exactly when OpenCLIP's own evaluate runs its validation pass."""
+
+    ran = []
+    model = open_clip.create_model('tiny-vit')
+    args = SimpleNamespace(distributed=False, horovod=False, rank=0, local_rank=0, log_local=False, device='cpu',
+                           precision='fp32', val_frequency=val_frequency, epochs=epochs, zeroshot_frequency=0,
+                           save_logs=False, wandb=False)
+    openclip_evaluate = open_clip_train.train.evaluate.__wrapped__
+    for epoch in range(epochs + 1):
+        with pytest.raises(_Stop) if compat.openclip_evaluates_val(args, epoch) else _nothing():
+            openclip_evaluate(model, {'val': SimpleNamespace(dataloader=_Probe(ran, epoch))}, epoch, args)
+        assert compat.openclip_evaluates_val(args, epoch) == (epoch in ran), epoch
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Probe:
+    num_samples = 0
+
+    def __init__(self, ran, epoch):
+        self.ran, self.epoch = ran, epoch
+
+    def __iter__(self):
+        self.ran.append(self.epoch)
+        raise _Stop
+
+
+def test_cpu_ddp_shim_only_drops_cpu_device_ids():
+    ddp = torch.nn.parallel.DistributedDataParallel
+    try:
+        compat.allow_cpu_ddp_device_ids()
+        shim = torch.nn.parallel.DistributedDataParallel
+        assert issubclass(shim, ddp) and shim is not ddp
+        compat.allow_cpu_ddp_device_ids()  # idempotent
+        assert torch.nn.parallel.DistributedDataParallel is shim
+    finally:
+        torch.nn.parallel.DistributedDataParallel = ddp
+
+
+def test_register_is_idempotent():
+    before = factory.CLIP
+    hook.register()
+    assert factory.CLIP is before
+
+
+def test_zero_shot_accuracy_fix_counts_as_openclip_does():
+    import open_clip_train.zero_shot as zero_shot
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(20, 7, generator=g), torch.randint(0, 7, (20,), generator=g)
+    top1, top5 = compat.topk_correct(logits, target, topk=(1, 5))
+    ranked = logits.argsort(dim=1, descending=True)
+    assert top1 == float((ranked[:, 0] == target).sum())
+    assert top5 == float((ranked[:, :5] == target[:, None]).any(dim=1).sum())
+    if compat.numpy_rejects_size_one_arrays():  # the fix is in place exactly where OpenCLIP's own would fail
+        assert compat.is_patched(zero_shot.accuracy)
+        assert zero_shot.accuracy(logits, target, topk=(1, 5)) == [top1, top5]
+    else:
+        assert zero_shot.accuracy(logits, target, topk=(1, 5)) == [top1, top5]
