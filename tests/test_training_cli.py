@@ -112,3 +112,22 @@ def test_zero_shot_imagenet_eval_on_a_rank_models_towers(rank_csvs, tmp_path):
     assert 0.0 <= record['imagenet-zeroshot-val-top1'] <= 1.0 and 'imagenet-zeroshot-val-top5' in record
     log = (tmp_path / 'logs' / 'zeroshot' / 'out.log').read_text()
     assert 'imagenet-zeroshot-val-top1' in log
+
+
+SEED_COMMAND = ('--dataset-type csv --csv-dataset-sample-type rank --negative-ratio 0.2 --train-data {train} '
+                '--warmup 10 --lr 5e-5 --wd 0.01 --lock-image --lock-text --epochs 2 '
+                '--model convnext_large_d_320-adapter --pretrained laion2b_s29b_b131k_ft_soup '
+                '--loss-opt dual-head --loss-components regression rank')
+
+
+def test_seed_training_command_parses_as_the_original(rank_csvs):
+    """The README's copy of the original command (its --batch-size 5e-5 typo read as --lr) parses as intended."""
+    import open_clip_train.params
+    args = open_clip_train.params.parse_args(SEED_COMMAND.format(train=rank_csvs[0]).split())
+    assert (args.model, args.pretrained, args.loss_opt) == ('convnext_large_d_320-adapter',
+                                                            'laion2b_s29b_b131k_ft_soup', 'dual-head')
+    assert args.loss_components == ['regression', 'rank'] and args.negative_ratio == 0.2 and args.lr == 5e-5
+    assert args.lock_image and args.lock_text and args.csv_dataset_sample_type == 'rank'
+    readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    assert 'python -m training.main \\\n' + ''.join(f'    {flag} \\\n' for flag in (
+        '--dataset-type csv', '--csv-dataset-sample-type rank', '--negative-ratio 0.2')) in readme
