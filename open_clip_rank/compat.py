@@ -85,6 +85,7 @@ def check_factory(open_clip) -> None:
         raise missing("open_clip.pretrained._PRETRAINED", version)
 
 
+@functools.lru_cache(maxsize=None)
 def check_training_package(package: str, version: str) -> None:
     """``open_clip_train.main`` must still call what the plugin patches (read from its code, not run)."""
     spec = importlib.util.find_spec(f'{package}.main')
