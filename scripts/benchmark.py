@@ -155,7 +155,7 @@ def main(argv=None):
         impl, n = args._one.split(':')
         print(json.dumps(measure_one(args, impl, int(n))))
         return 0
-    original = 'official class' if args.official_repo else 'official algorithm (reference.py)'
+    original = 'official class' if args.official_repo else 'official algorithm (tests/reference_pair_head.py)'
     check_same_values(args)
     device_name = torch.cuda.get_device_name() if args.device == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f"pair head forward+backward on {device_name}, {args.dtype}, D={args.dim}, heads={args.heads}, "
