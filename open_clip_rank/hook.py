@@ -82,14 +82,9 @@ def _patch_factory(open_clip):
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
         if registry.family_for_model(model) is None:
             return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
-        from .models.checkpoint import CheckpointMismatchError, checkpoint_source, explain_load_failure
-        with checkpoint_source(checkpoint_path):  # OpenCLIP's loader ends in the rank model's load_state_dict
-            try:
-                return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
-            except CheckpointMismatchError:
-                raise
-            except (AssertionError, RuntimeError) as err:
-                explain_load_failure(model, checkpoint_path, err, weights_only=weights_only, device=device)
+        from .models.checkpoint import load_rank_checkpoint
+        return load_rank_checkpoint(original_load, model, checkpoint_path, strict=strict,
+                                    weights_only=weights_only, device=device)
 
     original_create_loss = _original(factory.create_loss)
 
@@ -176,7 +171,7 @@ def _evaluate(original):
         if not isinstance(data.get('val'), RankDataInfo):
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
         from .evaluate import evaluate_ranking
-        others = {k: v for k, v in data.items() if k != 'val'}  # zero-shot ImageNet: OpenCLIP evaluates it,
+        others = {k: v for k, v in data.items() if k not in ('train', 'val')}  # zero-shot: OpenCLIP evaluates it,
         quiet = copy.copy(args)  # the plugin reports it with the ranking metrics (one results.jsonl record)
         quiet.save_logs = quiet.wandb = False
         other_metrics = original(model, others, epoch, quiet, tokenizer=tokenizer) if others else {}

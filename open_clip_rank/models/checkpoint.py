@@ -84,7 +84,20 @@ def _check_base_weights(tower_keys, state_dict, source):
             f"it is not a checkpoint for this model's base architecture.")
 
 
-def explain_load_failure(model, checkpoint_path, error: Exception, **load_kwargs):
+def load_rank_checkpoint(openclip_load_checkpoint, model, checkpoint_path, strict=True, weights_only=True,
+                         device='cpu'):
+    """OpenCLIP's ``load_checkpoint`` on a rank model, with the file named in every mismatch error."""
+    with checkpoint_source(checkpoint_path):  # OpenCLIP's loader ends in the rank model's load_state_dict
+        try:
+            return openclip_load_checkpoint(model, checkpoint_path, strict=strict, weights_only=weights_only,
+                                            device=device)
+        except CheckpointMismatchError:
+            raise
+        except (AssertionError, RuntimeError) as err:
+            _explain_load_failure(model, checkpoint_path, err, weights_only=weights_only, device=device)
+
+
+def _explain_load_failure(model, checkpoint_path, error: Exception, **load_kwargs):
     """OpenCLIP's conversions assert on some mismatches (e.g. a text width) before any key is compared:
     re-read the raw file and name the first mismatched key instead; re-raise if shapes are not the cause."""
     from open_clip.factory import load_state_dict
