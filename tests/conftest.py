@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny model configs, the ../shared fixtures, subprocess environments."""
+"""Shared test helpers: tiny model configs, the reference fixtures (tests/fixtures), subprocess environments."""
 import os
 import site
 import subprocess
@@ -10,7 +10,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_CONFIG_DIR = Path(__file__).resolve().parent / 'model_configs'
 SHARED_DIR = Path(os.environ.get('OPEN_CLIP_RANK_SHARED', REPO_ROOT.parent / 'shared'))
-FIXTURES_DIR = SHARED_DIR / 'fixtures'
+FIXTURES_DIR = Path(__file__).resolve().parent / 'fixtures'  # in the repository (not in the wheel)
+SHARED_FIXTURES_DIR = SHARED_DIR / 'fixtures'  # fallback: a shared folder beside the checkout
 
 
 def pytest_configure(config):
@@ -20,11 +21,13 @@ def pytest_configure(config):
 
 
 def fixture_path(name: str) -> Path:
-    path = FIXTURES_DIR / name
-    if not path.is_file():
-        pytest.skip(f"reference fixture {path} not found: the tests need ../shared/fixtures beside the checkout "
-                    f"(or OPEN_CLIP_RANK_SHARED pointing at the shared folder)")
-    return path
+    """tests/fixtures/<name>; else ../shared/fixtures/<name> (or $OPEN_CLIP_RANK_SHARED/fixtures)."""
+    for folder in (FIXTURES_DIR, SHARED_FIXTURES_DIR):
+        path = folder / name
+        if path.is_file():
+            return path
+    pytest.skip(f"reference fixture {name} not found in {FIXTURES_DIR} (part of the repository: is the checkout "
+                f"complete?) nor in {SHARED_FIXTURES_DIR}")
 
 
 def subprocess_env(**extra):
