@@ -29,10 +29,14 @@ TRAINING_PATCH_POINTS = {
     'data': 'get_data',
     'train': 'evaluate',
     'distributed': 'init_distributed_device',
+    'logger': 'setup_logging',  # then torch's internal loggers back to WARNING
+    'file_utils': 'pt_load',  # main's resume load: skip unreadable checkpoints under --resume latest
 }
 # What open_clip_train.main must still call for the patches above (and create_loss) to take effect.
 NAMES_MAIN_MUST_CALL = ('parse_args', 'get_data', 'create_loss', 'evaluate', 'train_one_epoch',
-                        'init_distributed_device', 'DistributedDataParallel')
+                        'init_distributed_device', 'DistributedDataParallel',
+                        'setup_logging', 'pt_load',
+                        'save')  # torch.save of checkpoints (made atomic by the torch.save patch below)
 
 
 class PatchPointMissing(ImportError):
@@ -133,6 +137,12 @@ def read_model_config(model_name: str):
         return None
 
 
+def split_model_name(model_name: str):
+    """(schema, identifier): schema is 'hf-hub', 'local-dir' or None (a built-in or registered name)."""
+    from open_clip import factory
+    return factory.parse_model_name(model_name)
+
+
 def openclip_evaluates_val(args, epoch: int) -> bool:
     """When ``open_clip_train.train.evaluate`` runs its validation pass (3.3's schedule, kept identical)."""
     return bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
@@ -187,6 +197,41 @@ def allow_cpu_ddp_device_ids() -> None:
             super().__init__(module, device_ids, *args, **kwargs)
 
     torch.nn.parallel.DistributedDataParallel = DistributedDataParallel
+
+
+def patch_torch_save(route) -> None:
+    """Replace ``torch.save`` by ``route(original_save, obj, f, *args, **kwargs)`` (once).
+
+    OpenCLIP 3.3's main writes checkpoints in place with ``torch.save(checkpoint_dict, path)`` from inside
+    ``main`` (no function of its own to wrap); ``route`` decides which writes it makes atomic and hands every
+    other call to the original unchanged.
+    """
+    import torch
+    if is_patched(torch.save):
+        return
+    original = torch.save
+
+    @wraps_once(original)
+    def save(obj, f, *args, **kwargs):
+        return route(original, obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def quiet_torch_loggers(level=logging.WARNING) -> None:
+    """Set ``torch`` and every ``torch.*`` logger to ``level``.
+
+    OpenCLIP's ``setup_logging`` sets every logger that exists at that moment to INFO, torch's internal
+    ones included, so torch's exit-time reports (TorchDynamo compilation metrics, FakeTensor cache stats)
+    would end every run. ``TORCH_LOGS`` (torch's own switch) is respected: when set, nothing changes.
+    """
+    import os
+    if os.environ.get('TORCH_LOGS'):
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name == 'torch' or name.startswith('torch.'):
+            logging.getLogger(name).setLevel(level)
+    logging.getLogger('torch').setLevel(level)
 
 
 def register_output_type(cls) -> None:

@@ -14,8 +14,12 @@ Patched:
 * OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
   when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (rank sample types),
-  ``evaluate`` (ranking metrics for rank validation data), ``init_distributed_device`` (CPU DDP), and
-  ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in ``compat``).
+  ``evaluate`` (ranking metrics for rank validation data), ``init_distributed_device`` (CPU DDP),
+  ``setup_logging`` (torch's internal loggers stay at WARNING), ``pt_load`` (``--resume latest`` skips
+  unreadable checkpoints), and ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed
+  in ``compat``);
+* ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``preflight``) and makes
+  the run's checkpoint writes atomic (``torch.save`` into its checkpoint folder, ``checkpoint_files``).
 """
 import copy
 import logging
@@ -80,11 +84,16 @@ def _patch_factory(open_clip):
 
     @compat.wraps_once(original_load)
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
-        if registry.family_for_model(model) is None:
-            return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
-        from .models.checkpoint import load_rank_checkpoint
-        return load_rank_checkpoint(original_load, model, checkpoint_path, strict=strict,
-                                    weights_only=weights_only, device=device)
+        from .checkpoint_files import note_loaded, reading_checkpoint
+        with reading_checkpoint(checkpoint_path):  # a damaged file: one line naming it and the fix
+            if registry.family_for_model(model) is None:
+                return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only,
+                                     device=device)
+            from .models.checkpoint import load_rank_checkpoint
+            result = load_rank_checkpoint(original_load, model, checkpoint_path, strict=strict,
+                                          weights_only=weights_only, device=device)
+            note_loaded(model, checkpoint_path)  # load_rank_model refuses rank models that hold no weights
+            return result
 
     original_create_loss = _original(factory.create_loss)
 
@@ -130,7 +139,8 @@ def _patch_training_module(module):
         return
     compat.check_training_package(module.__name__.rsplit('.', 1)[0], open_clip.__version__)
     wrapper = {'parse_args': _parse_args, 'get_data': _get_data, 'evaluate': _evaluate,
-               'init_distributed_device': _init_distributed_device}[name](original)
+               'init_distributed_device': _init_distributed_device, 'setup_logging': _setup_logging,
+               'pt_load': _pt_load}[name](original)
     setattr(module, name, compat.wraps_once(original)(wrapper))
 
 
@@ -142,7 +152,42 @@ def _fix_zero_shot(module):
 
 def _parse_args(original):
     from .params import wrap_parse_args
-    return wrap_parse_args(original)
+    parse_plugin_args = wrap_parse_args(original)
+
+    def parse_args(args):
+        from .preflight import start_training_run
+        parsed = start_training_run(parse_plugin_args(args))  # refusals exit 2, before logs/<name> exists
+        compat.patch_torch_save(_save_run_checkpoint)
+        return parsed
+
+    return parse_args
+
+
+def _save_run_checkpoint(original_save, obj, f, *args, **kwargs):
+    """torch.save: atomic for files in the current training run's checkpoint folder, unchanged otherwise."""
+    from . import checkpoint_files, preflight
+    folder = getattr(preflight.current_run, 'checkpoint_path', None)
+    if checkpoint_files.inside(folder, f):
+        return checkpoint_files.atomic_torch_save(original_save, obj, f, *args, **kwargs)
+    return original_save(obj, f, *args, **kwargs)
+
+
+def _setup_logging(original):
+    def setup_logging(*args, **kwargs):
+        result = original(*args, **kwargs)
+        compat.quiet_torch_loggers()
+        return result
+
+    return setup_logging
+
+
+def _pt_load(original):
+    def pt_load(file_path, map_location=None):
+        from .checkpoint_files import load_resume_checkpoint
+        from .preflight import current_run
+        return load_resume_checkpoint(original, file_path, map_location=map_location, run_args=current_run)
+
+    return pt_load
 
 
 def _get_data(original):

@@ -52,20 +52,64 @@ def _register_config_file(config_path) -> str:
     return name
 
 
+class UninitialisedModelError(ValueError):
+    """A rank model would rank with random weights that nobody asked for."""
+
+
+def _create(name, checkpoint_path, device, precision):
+    """OpenCLIP's model and transforms with ``checkpoint_path`` loaded, however the model is named.
+
+    A built-in or registered name takes the file as ``pretrained``. OpenCLIP ignores ``pretrained`` for
+    ``local-dir:`` and ``hf-hub:`` names (it loads their own weights, or none); there the model is built
+    without them and the checkpoint loaded through the same ``open_clip.load_checkpoint``.
+    """
+    from .compat import split_model_name
+    schema, _ = split_model_name(name)
+    if checkpoint_path is None or schema is None:
+        return open_clip.create_model_and_transforms(name, pretrained=checkpoint_path, precision=precision,
+                                                     device=device)
+    net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, precision=precision, device=device, load_weights=False)
+    open_clip.load_checkpoint(net, checkpoint_path)
+    return net, preprocess_train, preprocess_val
+
+
 def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_path=None, device=None,
-                    precision: str = 'fp32'):
-    """-> (model in eval mode, image transform (resize, no crop), tokenizer)."""
+                    precision: str = 'fp32', random_weights: bool = False):
+    """-> (model in eval mode, image transform (resize, no crop), tokenizer).
+
+    ``checkpoint_path`` is loaded whichever way the model is named: a built-in or registered name,
+    ``local-dir:DIR`` or ``hf-hub:ORG/REPO`` (the checkpoint replaces the source's own weights) or
+    ``config_path``. Without a checkpoint, the weights come from the ``local-dir:`` / ``hf-hub:`` source; a
+    rank model left with no loaded weights at all raises ``UninitialisedModelError`` unless
+    ``random_weights=True`` asks for random weights explicitly.
+    """
+    from .checkpoint_files import check_readable, loaded_from
+    from .preflight import check_model_name
     if (model is None) == (config_path is None):
         raise ValueError("give exactly one of a model name (--model) or a model config file (--config-path).")
-    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist.")
+    if random_weights and checkpoint_path is not None:
+        raise ValueError("random weights were asked for (--random-weights) together with a checkpoint; "
+                         "give one of them.")
+    if checkpoint_path is not None:
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist.")
+        check_readable(checkpoint_path, fix='Pass a complete checkpoint (--checkpoint-path).')
+    if model is not None:
+        check_model_name(model)
     name = model if model is not None else _register_config_file(config_path)
     device = torch.device(device) if device is not None else default_device()
-    net, _, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=checkpoint_path, precision=precision, device=device)
+    net, _, preprocess_val = _create(name, checkpoint_path, device, precision)
     if family_for_model(net) is None:
         keys = [f.config_key for f in FAMILIES.values()]
         raise ValueError(f"model {name} is not a rank model (its config has none of {keys}).")
+    if loaded_from(net) is None:
+        if not random_weights:
+            raise UninitialisedModelError(
+                f"model {name} holds no trained weights (no checkpoint given, none in its source), so it would "
+                f"rank with random ones: pass --checkpoint-path CKPT (checkpoint_path=), or --random-weights "
+                f"(random_weights=True) to rank with random weights on purpose.")
+        _logger.warning(f"Ranking with random weights (asked for): model {name} loaded no checkpoint.")
     _, transform = rank_transforms(preprocess_val)
     return net.eval(), transform, open_clip.get_tokenizer(name)
 

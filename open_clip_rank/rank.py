@@ -34,6 +34,9 @@ def build_parser():
     mdl.add_argument('--config-path', type=str, default=None,
                      help='Model config JSON, e.g. the official model-config.json.')
     mdl.add_argument('--checkpoint-path', type=str, default=None, help='Checkpoint (official or OpenCLIP training).')
+    mdl.add_argument('--random-weights', action='store_true',
+                     help='Rank with a randomly initialised model when no checkpoint is given (for trying the CLI '
+                          'out; the ranking means nothing). Without it, a model with no weights is refused.')
     mdl.add_argument('--device', type=str, default=None, help='Default: cuda when available, else cpu.')
     mdl.add_argument('--precision', type=str, default='fp32', choices=['fp32', 'bf16', 'fp16'])
     out = p.add_argument_group('output')
@@ -150,7 +153,8 @@ def main(argv=None):
             raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
         from .inference import load_rank_model
         model, transform, tokenizer = load_rank_model(args.model, args.config_path, args.checkpoint_path,
-                                                      device=args.device, precision=args.precision)
+                                                      device=args.device, precision=args.precision,
+                                                      random_weights=args.random_weights)
         rows, skipped = score(args, model, transform, tokenizer)
     except (ValueError, FileNotFoundError) as err:
         print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)

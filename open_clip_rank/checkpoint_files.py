@@ -1,0 +1,254 @@
+"""Checkpoint files: telling an unreadable (truncated, corrupt) file from a good one, atomic writes, resume.
+
+* ``unreadable_reason(path)``: a cheap structural check (a torch zip archive's central directory, a
+  safetensors header) that catches the usual damage, a file cut short by an interrupted write, without
+  loading the tensors;
+* ``reading_checkpoint(path)``: turns torch's raw ``PytorchStreamReader`` / EOF errors into one
+  ``UnreadableCheckpointError`` line naming the file and the fix;
+* ``atomic_write`` / ``atomic_torch_save``: a temporary file in the same folder, then ``os.replace``, so
+  a file under its final name is always complete (temporary names never end in ``.pt``, so OpenCLIP's
+  ``--resume latest`` never picks one);
+* ``load_resume_checkpoint``: OpenCLIP's resume load, skipping unreadable checkpoints under
+  ``--resume latest`` with a warning.
+
+Imports no ``open_clip_train`` module (the rank CLI uses it too).
+"""
+import contextlib
+import glob
+import logging
+import os
+import pickle
+import re
+import struct
+import json
+import zipfile
+from typing import Optional
+
+_logger = logging.getLogger(__name__)
+
+ZIP_MAGIC = b'PK\x03\x04'
+_TMP_MARK = '.tmp-'
+
+
+class UnreadableCheckpointError(ValueError):
+    """The checkpoint file is truncated or corrupt (e.g. its write was interrupted)."""
+
+
+def unreadable_reason(path) -> Optional[str]:
+    """Why ``path`` cannot be a complete checkpoint, or None when it looks complete (or cannot be told cheaply).
+
+    Reads the file's structure only: a torch zip archive's central directory (the last thing written, so a
+    truncated file has none) and a safetensors header against the file size. Legacy pickle files are not
+    checked here; loading them reports the damage (see ``reading_checkpoint``).
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return 'the file is empty'
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            if head[:4] == ZIP_MAGIC:
+                try:
+                    with zipfile.ZipFile(f) as archive:
+                        names = archive.namelist()
+                except (zipfile.BadZipFile, EOFError, OSError) as err:
+                    return f'incomplete zip archive: {err}'
+                if not any(n.endswith('data.pkl') for n in names):
+                    return 'zip archive without a torch data.pkl'
+                return None
+            if path.endswith('.safetensors'):
+                if len(head) < 8:
+                    return 'incomplete safetensors header'
+                (length,) = struct.unpack('<Q', head)
+                if 8 + length > size:
+                    return 'incomplete safetensors header'
+                header = json.loads(f.read(length))
+                end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+                if 8 + length + end > size:
+                    return f'safetensors data cut short ({size} of {8 + length + end} bytes)'
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f'{type(err).__name__}: {err}'
+    return None
+
+
+_DAMAGE_MARKERS = ('PytorchStreamReader', 'zip archive', 'central directory', 'unexpected EOF', 'Ran out of input',
+                   'invalid load key', 'Error while deserializing header', 'incomplete metadata',
+                   'file might be corrupted', 'truncated')
+
+
+def is_unreadable_error(err: BaseException) -> bool:
+    """Whether loading failed because the file is damaged (not, e.g., because of weights_only or a bad key)."""
+    if isinstance(err, UnreadableCheckpointError):
+        return True
+    if isinstance(err, (EOFError, zipfile.BadZipFile, struct.error)):
+        return True
+    text = str(err)
+    if 'Weights only load failed' in text:
+        return False
+    if isinstance(err, pickle.UnpicklingError):
+        return True
+    return any(m in text for m in _DAMAGE_MARKERS)
+
+
+def _short(reason) -> str:
+    """The first sentence of an error (torch's says it; the rest is advice), on one line."""
+    return ' '.join(str(reason).split()).split('. ')[0][:200]
+
+
+def unreadable_message(path, reason: str, fix: Optional[str] = None) -> str:
+    fix = fix or ('Delete it and use an earlier checkpoint of the run, or train again; a file cut short is '
+                  'left by an interrupted write.')
+    reason = _short(reason)
+    return f"checkpoint {path} cannot be read ({reason}): it is truncated or corrupt. {fix}"
+
+
+def check_readable(path, fix: Optional[str] = None) -> None:
+    """Raise ``UnreadableCheckpointError`` when the cheap structural check finds damage."""
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise UnreadableCheckpointError(unreadable_message(path, reason, fix))
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path, fix: Optional[str] = None):
+    """Loading errors caused by a damaged file become one ``UnreadableCheckpointError`` line."""
+    try:
+        yield
+    except UnreadableCheckpointError:
+        raise
+    except Exception as err:
+        if not is_unreadable_error(err):
+            raise
+        raise UnreadableCheckpointError(unreadable_message(path, f'{type(err).__name__}: {err}', fix)) from None
+
+
+# --- which weights a model holds ---------------------------------------------------------------------
+
+_LOADED_ATTR = '_open_clip_rank_weights_from'
+
+
+def note_loaded(model, path) -> None:
+    """Remember that ``path``'s weights went into ``model`` (set by the ``load_checkpoint`` patch)."""
+    setattr(model, _LOADED_ATTR, str(path))
+
+
+def loaded_from(model) -> Optional[str]:
+    """The checkpoint or pretrained file last loaded into ``model`` through OpenCLIP, or None (random init)."""
+    return getattr(model, _LOADED_ATTR, None)
+
+
+# --- atomic writes -----------------------------------------------------------------------------------
+
+def temporary_name(path) -> str:
+    """A hidden sibling of ``path`` that no checkpoint glob (``*.pt``) matches."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f'.{name}{_TMP_MARK}{os.getpid()}')
+
+
+def _fsync(path):
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='w', **open_kwargs):
+    """``open(path, mode)`` that leaves either the complete new file or the previous one, never a partial one."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(save, obj, path, *args, **kwargs):
+    """``save(obj, path, ...)`` (torch.save's signature) through a temporary file and ``os.replace``."""
+    tmp = temporary_name(path)
+    try:
+        save(obj, tmp, *args, **kwargs)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def is_path(f) -> bool:
+    return isinstance(f, (str, os.PathLike))
+
+
+def inside(folder, path) -> bool:
+    """Whether ``path`` names a file directly inside ``folder``."""
+    if not folder or not is_path(path) or '://' in os.fspath(path):
+        return False
+    return os.path.dirname(os.path.abspath(os.fspath(path))) == os.path.abspath(os.fspath(folder))
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+def _natural_order(path):
+    """'epoch_10.pt' after 'epoch_9.pt': digit runs compare as numbers (runs alternate str, int, str, ...)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r'(\d+)', path.lower()))]
+
+
+def resume_candidates(failed_path) -> list:
+    """The other checkpoints ``--resume latest`` could have chosen, newest first (same folder, same rule)."""
+    folder = os.path.dirname(os.fspath(failed_path))
+    found = glob.glob(os.path.join(folder, '**', '*.pt'), recursive=True)
+    failed = os.path.abspath(os.fspath(failed_path))
+    return sorted((p for p in found if os.path.abspath(p) != failed), key=_natural_order, reverse=True)
+
+
+def load_resume_checkpoint(original_load, file_path, map_location=None, run_args=None):
+    """OpenCLIP's ``pt_load`` of the resume checkpoint, made safe against damaged files.
+
+    Under ``--resume latest`` (``run_args.rank_resume_latest``), an unreadable newest checkpoint is skipped
+    with a warning and the newest readable one is loaded instead (``run_args.resume`` is updated, so the log
+    names it). Otherwise a damaged file ends the run with one line naming it and the fix.
+    """
+    try:
+        return original_load(file_path, map_location=map_location)
+    except Exception as err:
+        if not is_unreadable_error(err):
+            raise
+        first_reason = f'{type(err).__name__}: {err}'
+    latest = bool(run_args is not None and getattr(run_args, 'rank_resume_latest', False))
+    if not latest or '://' in os.fspath(file_path):
+        raise SystemExit('open_clip_rank: error: ' + unreadable_message(
+            file_path, first_reason, 'Resume from an earlier checkpoint (--resume PATH), or delete it and use '
+                                     '--resume latest.'))
+    skipped = [(file_path, first_reason)]
+    for candidate in resume_candidates(file_path):
+        reason = unreadable_reason(candidate)
+        checkpoint = None
+        if reason is None:
+            try:
+                checkpoint = original_load(candidate, map_location=map_location)
+            except Exception as err:
+                if not is_unreadable_error(err):
+                    raise
+                reason = f'{type(err).__name__}: {err}'
+        if reason is not None:
+            skipped.append((candidate, reason))
+            continue
+        for path, why in skipped:
+            _logger.warning(f"--resume latest: skipping unreadable checkpoint {path} "
+                            f"({_short(why)}); it is truncated or corrupt, e.g. by an interrupted write.")
+        _logger.warning(f"--resume latest: resuming from {candidate}, the newest readable checkpoint.")
+        run_args.resume = candidate
+        return checkpoint
+    raise SystemExit(f"open_clip_rank: error: --resume latest found no readable checkpoint in "
+                     f"{os.path.dirname(os.fspath(file_path))} ({len(skipped)} unreadable: "
+                     f"{', '.join(os.path.basename(p) for p, _ in skipped[:3])}); delete them to start the run "
+                     f"afresh, or resume from a checkpoint elsewhere with --resume PATH.")

@@ -1,0 +1,153 @@
+"""Refuse a bad start before anything is created: one line each, naming the problem and the fix.
+
+OpenCLIP's ``main`` creates ``logs/<name>`` right after parsing its arguments and only then builds the
+model and reads the data, so a refusal there leaves the folder behind and the rerun with the same
+``--name`` stops at "Experiment already exists" (exit code 0). ``check_training_start`` runs inside the
+plugin's ``parse_args`` wrapper, before that folder exists: unknown ``--model``, a missing or unreadable
+``--pretrained`` / ``--resume`` file, a ``--pretrained`` that OpenCLIP would ignore, an experiment that
+already exists, and bad rank CSVs (the same checks ``get_data`` runs later). Refusals exit with status 2.
+
+``unknown_model_message`` and ``check_model_name`` serve the rank CLI and ``load_rank_model`` as well.
+Imports no ``open_clip_train`` module at import time.
+"""
+import difflib
+import os
+import sys
+from typing import Optional
+
+from . import compat
+
+# The args of the training run in this process (set by the parse_args wrapper), read by the
+# checkpoint-writing and resume patches: they act only on that run's checkpoint folder.
+current_run = None
+
+
+class StartRefused(ValueError):
+    """A training run or a ranking that must not start; the message is one line with the fix."""
+
+
+def refuse(message: str, prog: str = 'open_clip_rank'):
+    """Print one error line and exit with status 2 (a usage error), as argparse does."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# --- model names ---------------------------------------------------------------------------------------
+
+def closest_model_names(name: str, limit: int = 3):
+    import open_clip
+    names = open_clip.list_models()
+    by_lower = {n.lower(): n for n in names}
+    found = difflib.get_close_matches(name.lower(), list(by_lower), n=limit, cutoff=0.6)
+    return [by_lower[n] for n in found]
+
+
+def unknown_model_message(name: str) -> Optional[str]:
+    """None when ``name`` resolves to a model config OpenCLIP can build; else one line with the closest names."""
+    import open_clip
+    schema, identifier = compat.split_model_name(name)
+    if schema == 'local-dir':
+        config = os.path.join(identifier, 'open_clip_config.json')
+        if not os.path.isfile(config):
+            return (f"model {name}: {config} does not exist; a local-dir: model is a folder with "
+                    f"open_clip_config.json (and optionally its weights).")
+        return None
+    if schema is not None:  # hf-hub: resolved (and reported) by OpenCLIP, which may need the network
+        return None
+    if open_clip.get_model_config(identifier.replace('/', '-')) is not None:
+        return None
+    close = closest_model_names(identifier)
+    hint = f"closest: {', '.join(close)}" if close else 'no similar name'
+    return (f"unknown model '{name}' ({hint}); open_clip.list_models() lists all {len(open_clip.list_models())}, "
+            f"and OPEN_CLIP_RANK_MODEL_CONFIGS=DIR adds config files of your own.")
+
+
+def check_model_name(name: str) -> None:
+    message = unknown_model_message(name)
+    if message is not None:
+        raise StartRefused(message)
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+def _check_pretrained(args):
+    pretrained = getattr(args, 'pretrained', None)
+    if not pretrained:
+        return
+    schema, identifier = compat.split_model_name(args.model)
+    if schema is not None:
+        from .registry import family_for_model_name
+        if family_for_model_name(args.model) is not None:  # OpenCLIP only warns and trains from random weights
+            raise StartRefused(
+                f"--pretrained {pretrained} would be ignored: OpenCLIP loads {schema}: models only from their own "
+                f"source. Put the weights in the {schema} source (e.g. open_clip_model.safetensors beside "
+                f"open_clip_config.json), or register the config by name (OPEN_CLIP_RANK_MODEL_CONFIGS=DIR, "
+                f"--model NAME) and pass --pretrained {pretrained}.")
+        return
+    if os.path.isfile(pretrained):
+        from .checkpoint_files import check_readable
+        check_readable(pretrained, fix='Pass a complete checkpoint with --pretrained.')
+        return
+    import open_clip
+    model = identifier.replace('/', '-')
+    if not open_clip.get_pretrained_cfg(model, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        known = f"its tags: {', '.join(tags)}" if tags else 'it has no pretrained tags'
+        raise StartRefused(f"--pretrained {pretrained} is neither a file nor a pretrained tag of {args.model} "
+                           f"({known}).")
+
+
+def _check_resume(args):
+    resume = getattr(args, 'resume', None)
+    if not resume or resume == 'latest' or '://' in resume:
+        return
+    if not os.path.isfile(resume):
+        raise StartRefused(f"--resume {resume} does not exist; give a checkpoint file or --resume latest.")
+    from .checkpoint_files import check_readable
+    check_readable(resume, fix='Resume from an earlier checkpoint of the run (--resume PATH or --resume latest).')
+
+
+def _check_new_experiment(args):
+    """OpenCLIP's own refusal of an existing experiment (same condition), but before anything happens and
+    with a non-zero exit status."""
+    if not args.name or not args.logs or args.resume == 'latest' or getattr(args, 'log_local', False):
+        return
+    log_path = os.path.join(args.logs, args.name, 'out.log')
+    if os.path.exists(log_path):
+        raise StartRefused(f"experiment {os.path.join(args.logs, args.name)} already exists ({log_path}); use "
+                           f"another --name, delete that folder, or continue it with --resume latest.")
+
+
+def _check_rank_data(args):
+    """The rank data checks of ``get_data``, moved before OpenCLIP creates the experiment folder."""
+    sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
+    if sample_type == 'default':
+        return
+    from .data.loaders import _table_for, check_model_trains_on
+    check_model_trains_on(args, sample_type)
+    for path, is_train in ((args.train_data, True), (args.val_data, False)):
+        if path:
+            _table_for(args, path, is_train=is_train)
+
+
+def check_training_start(args):
+    """Every refusal ``open_clip_train.main`` would otherwise meet after creating ``logs/<name>``."""
+    message = unknown_model_message(args.model)
+    if message is not None:
+        raise StartRefused(message)
+    _check_pretrained(args)
+    _check_resume(args)
+    _check_new_experiment(args)
+    _check_rank_data(args)
+
+
+def start_training_run(args):
+    """The parse_args wrapper's last step: refuse a bad start (exit 2), else remember the run."""
+    global current_run
+    try:
+        check_training_start(args)
+    except ValueError as err:  # StartRefused, RankDataError, UnreadableCheckpointError: one line each
+        refuse(str(err))
+    args.rank_resume_latest = args.resume == 'latest'
+    current_run = args
+    return args
