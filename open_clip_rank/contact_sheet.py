@@ -1,12 +1,16 @@
-"""A picture of ranked images: per prompt, thumbnails in rank order with their scores."""
+"""A picture of ranked images: per prompt, thumbnails in rank order with their scores (and targets)."""
 import math
 from typing import Dict, List
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .checkpoint_files import atomic_write
+
 THUMB = 96
 PAD = 6
-LABEL = 14
+LABEL = 15
+TITLE_SIZE = 13  # Pillow's default FreeType font runs words together below ~12 px ("numbersofcircle")
+LABEL_SIZE = 12
 HEADER = 22
 COLUMNS = 10
 BACKGROUND = (255, 255, 255)
@@ -41,9 +45,26 @@ def _thumbnail(path, thumb):
         return placeholder
 
 
+def _font(size):
+    """Pillow's bundled font at ``size`` (Pillow >= 10.1); the bitmap default where that is unavailable."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow: load_default() takes no size
+        return ImageFont.load_default()
+
+
+def _label(row, rank_key, score_key):
+    text = f"#{row[rank_key]}: {row[score_key]:.2f}"
+    target = row.get('target')
+    if target is not None:
+        text += f"  t={float(target):g}"
+    return text
+
+
 def make_contact_sheet(rows: List[Dict], path, max_images: int = 40, columns: int = COLUMNS, thumb: int = THUMB,
                        rank_key: str = 'rank', score_key: str = 'score'):
-    """Rows need image, prompt, score and rank; writes a PNG and returns its (width, height)."""
+    """Rows need image, prompt, score and rank (a ``target``, when known, is shown beside the score);
+    writes a PNG (atomically) and returns its (width, height)."""
     sections = {}
     for row in rows:
         sections.setdefault(row['prompt'], []).append(row)
@@ -51,17 +72,21 @@ def make_contact_sheet(rows: List[Dict], path, max_images: int = 40, columns: in
     size = sheet_size([len(c) for c in chosen.values()], columns, thumb)
     sheet = Image.new('RGB', size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    title_font, label_font = _font(TITLE_SIZE), _font(LABEL_SIZE)
     y = PAD
     for prompt, members in chosen.items():
-        draw.text((PAD, y + 4), f'{prompt}  ({len(sections[prompt])} images, best first)', fill=(0, 0, 0), font=font)
+        draw.text((PAD, y + 4), f'{prompt}  ({len(sections[prompt])} images, best first)', fill=(0, 0, 0),
+                  font=title_font)
         y += HEADER
         for k, row in enumerate(members):
             col, line = k % columns, k // columns
             x0, y0 = PAD + col * (thumb + PAD), y + line * (thumb + LABEL + PAD)
             image = _thumbnail(row['image'], thumb)
             sheet.paste(image, (x0 + (thumb - image.width) // 2, y0 + (thumb - image.height) // 2))
-            draw.text((x0, y0 + thumb + 1), f"#{row[rank_key]}:  {row[score_key]:.2f}", fill=(40, 40, 40), font=font)
+            label = _label(row, rank_key, score_key)
+            font = label_font if draw.textlength(label, font=label_font) <= thumb + PAD else _font(LABEL_SIZE - 2)
+            draw.text((x0, y0 + thumb + 1), label, fill=(40, 40, 40), font=font)
         y += math.ceil(len(members) / columns) * (thumb + LABEL + PAD)
-    sheet.save(path, format='PNG')
+    with atomic_write(path, 'wb') as f:
+        sheet.save(f, format='PNG')
     return size

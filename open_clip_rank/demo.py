@@ -92,7 +92,8 @@ def rank_validation(data, checkpoint: Path, out: Path):
     df = pd.read_csv(data['val_csv'], sep='\t')
     scores, _ = score_rows(model, df.filepath.tolist(), df.title.tolist(), transform, tokenizer)
     metrics = ranking_metrics(scores.numpy(), df.value.to_numpy(float), df.cname.tolist())
-    rows = [{'image': p, 'prompt': t, 'score': s} for p, t, s in zip(df.filepath, df.title, scores.tolist())]
+    rows = [{'image': p, 'prompt': t, 'score': s, 'target': v}
+            for p, t, s, v in zip(df.filepath, df.title, scores.tolist(), df.value.tolist())]
     rank_within_prompts(rows)
     sheet = out / 'val_contact_sheet.png'
     make_contact_sheet(rows, sheet, max_images=20)

@@ -249,11 +249,17 @@ def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 def rank_images(model, images: Sequence[ImageLike], prompt: str, transform=None, tokenizer=None, **kwargs):
-    """Order ``images`` by ``prompt``: a list of dicts (image, score, rank), best first; unreadable images last."""
+    """Order ``images`` by ``prompt``: a list of dicts (image, score, rank), best first.
+
+    Unreadable images are never ranked: they follow the ranked ones with ``score`` and ``rank`` None and
+    the reason under ``skipped``.
+    """
     if transform is None or tokenizer is None:
         raise ValueError("pass the transform and tokenizer from load_rank_model().")
-    scores, _ = score_images(model, images, prompt, transform, tokenizer, **kwargs)
-    scores = scores[:, 0]
-    ranks = ranks_from_scores(scores)
-    out = [{'image': images[i], 'score': float(scores[i]), 'rank': int(ranks[i])} for i in range(len(images))]
-    return sorted(out, key=lambda r: r['rank'])
+    scores, skipped = score_images(model, images, prompt, transform, tokenizer, **kwargs)
+    reasons = dict(skipped)
+    kept = [i for i in range(len(images)) if i not in reasons]
+    ranks = ranks_from_scores(scores[kept, 0])
+    out = [{'image': images[i], 'score': float(scores[i, 0]), 'rank': int(rank)} for i, rank in zip(kept, ranks)]
+    out.sort(key=lambda r: r['rank'])
+    return out + [{'image': images[i], 'score': None, 'rank': None, 'skipped': why} for i, why in skipped]

@@ -247,25 +247,26 @@ def ranking_metrics(preds, targets, categories=None) -> dict:
     return out
 
 
-def format_metrics_table(metrics: dict) -> str:
+def format_metrics_table(metrics: dict, metric_names=METRIC_NAMES) -> str:
     """Fixed-width text table of a ``ranking_metrics`` dict: one row per category, then 'mean'.
 
     Keys that are not ``'{category}/{metric}'`` or a bare metric (epoch, counts) are ignored, so the
-    dict logged by evaluation can be passed as is.
+    dict logged by evaluation can be passed as is. ``metric_names``: the columns (default: all).
     """
+    columns = tuple(metric_names)
     rows = {}
     for key, value in metrics.items():
         category, _, metric = key.rpartition('/')
-        if category and metric in METRIC_NAMES:
+        if category and metric in columns:
             rows.setdefault(category, {})[metric] = value
-    rows['mean'] = {m: metrics[m] for m in METRIC_NAMES if m in metrics}
+    rows['mean'] = {m: metrics[m] for m in columns if m in metrics}
     name_width = max(len('category'), *(len(name) for name in rows))
-    widths = [max(len(m), 7) for m in METRIC_NAMES]
-    header = 'category'.ljust(name_width) + ''.join(f'  {m:>{w}}' for m, w in zip(METRIC_NAMES, widths))
+    widths = [max(len(m), 7) for m in columns]
+    header = 'category'.ljust(name_width) + ''.join(f'  {m:>{w}}' for m, w in zip(columns, widths))
     lines = [header, '-' * len(header)]
     for name, values in rows.items():
         cells = []
-        for metric, width in zip(METRIC_NAMES, widths):
+        for metric, width in zip(columns, widths):
             value = values.get(metric)
             cells.append(f'  {"-":>{width}}' if value is None else f'  {float(value):>{width}.3f}')
         lines.append(name.ljust(name_width) + ''.join(cells))

@@ -5,8 +5,9 @@ Two inputs:
   own row's instruction; with a value column, per-category and mean metrics are written too;
 * ``--images FOLDER --prompt "Rank the numbers of cat." [--prompt ...]``: every image under each prompt.
 
-Writes ``<output>.csv`` (image, prompt, score, rank[, category, target]), ``<output>.json`` with the
-metrics when ground truth is present, and optionally a contact sheet PNG per run.
+Writes ``<output>.csv`` (image, prompt, score, rank[, category, target], skipped), ``<output>.json`` (the
+skipped unreadable images, the metrics when ground truth is present), optionally a contact sheet PNG; each
+file is written atomically. Unreadable images are listed as skipped, never ranked.
 """
 import argparse
 import csv
@@ -82,10 +83,14 @@ def read_csv_rows(args):
 
 
 def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
+    """Rank 1 = highest ``key`` within each ``group``; rows without a score (skipped images) get no rank."""
     from .inference import ranks_from_scores
     import torch
     groups = {}
     for i, r in enumerate(rows):
+        if r.get(key) is None:
+            r[out] = None
+            continue
         groups.setdefault(r[group], []).append(i)
     for indices in groups.values():
         ranks = ranks_from_scores(torch.tensor([rows[i][key] for i in indices], dtype=torch.float64))
@@ -111,9 +116,10 @@ def score(args, model, transform, tokenizer):
         rows = [{'image': image, 'prompt': prompt, 'score': scores[i, t].item(), 'category': prompt, 'target': None}
                 for t, prompt in enumerate(args.prompt) for i, image in enumerate(images)]
         skipped = [(images[i], why) for i, why in skipped]
+    mark_skipped(rows, skipped)
     if args.pairwise:
         for prompt in dict.fromkeys(r['prompt'] for r in rows):
-            members = [r for r in rows if r['prompt'] == prompt]
+            members = [r for r in rows if r['prompt'] == prompt and r['skipped'] is None]
             pair, _ = pairwise_scores(model, [r['image'] for r in members], prompt, transform, tokenizer,
                                       batch_size=args.batch_size, progress=progress)
             for r, s in zip(members, pair.tolist()):
@@ -121,20 +127,43 @@ def score(args, model, transform, tokenizer):
     return rows, skipped
 
 
+def mark_skipped(rows, skipped):
+    """Rows of unreadable images keep their reason under 'skipped' and lose their score: never ranked."""
+    reasons = dict(skipped)
+    for r in rows:
+        r['skipped'] = reasons.get(r['image'])
+        if r['skipped'] is not None:
+            r['score'] = None
+
+
 def write_results(rows, path, pairwise):
+    """The ranked rows per prompt in rank order, then the skipped images (reason in 'skipped', no score)."""
+    from .checkpoint_files import atomic_write
     columns = ['image', 'prompt', 'score', 'rank'] + (['pairwise_score', 'pairwise_rank'] if pairwise else []) \
-        + ['category', 'target']
-    with open(path, 'w', newline='') as f:
+        + ['category', 'target', 'skipped']
+    with atomic_write(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns, delimiter=',', extrasaction='ignore')
         writer.writeheader()
-        for r in sorted(rows, key=lambda r: (r['prompt'], r['rank'])):
+        for r in sorted(rows, key=lambda r: (r['prompt'], r.get('rank') is None, r.get('rank') or 0)):
             writer.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in columns})
+
+
+# The pairwise score is a mean win probability in [0, 1]: only order-based metrics compare it with targets
+# (PLCC and MAE would measure its scale against the targets', which means nothing).
+PAIRWISE_METRICS = ('srcc', 'krcc', 'pair_acc')
+
+
+def order_metrics_only(metrics):
+    """The entries of a ``ranking_metrics`` dict that depend on the order of the scores alone."""
+    from .metrics import METRIC_NAMES
+    return {k: v for k, v in metrics.items()
+            if k.rpartition('/')[2] in PAIRWISE_METRICS or k.rpartition('/')[2] not in METRIC_NAMES}
 
 
 def compute_metrics(rows, round_scores=False, key='score'):
     import numpy as np
     from .metrics import ranking_metrics, round_predictions
-    usable = [r for r in rows if r['target'] is not None and np.isfinite(r[key])]
+    usable = [r for r in rows if r['target'] is not None and r.get(key) is not None and np.isfinite(r[key])]
     if not usable:
         return None
     preds = np.array([r[key] for r in usable])
@@ -151,6 +180,9 @@ def main(argv=None):
             raise ValueError("give exactly one input: --data-to-inference/--csv CSV or --images FOLDER.")
         if args.images and not args.prompt:
             raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
+        if args.prompt and any(not p.strip() for p in args.prompt):
+            raise ValueError("--prompt is empty: give the instruction to rank by, e.g. --prompt \"Rank the numbers "
+                             "of horse.\".")
         from .inference import load_rank_model
         model, transform, tokenizer = load_rank_model(args.model, args.config_path, args.checkpoint_path,
                                                       device=args.device, precision=args.precision,
@@ -166,21 +198,29 @@ def main(argv=None):
     output.parent.mkdir(parents=True, exist_ok=True)
     write_results(rows, output.with_suffix('.csv'), args.pairwise)
     report = {'num_images': len({r['image'] for r in rows}), 'num_prompts': len({r['prompt'] for r in rows}),
+              'num_ranked': len({r['image'] for r in rows if r['skipped'] is None}),
               'skipped': [{'image': image, 'reason': why} for image, why in skipped]}
     metrics = compute_metrics(rows, args.round)
     if metrics is not None:
-        report['metrics'] = metrics
-        if args.pairwise:
-            report['pairwise_metrics'] = compute_metrics(rows, args.round, key='pairwise_score')
         from .metrics import format_metrics_table
+        report['metrics'] = metrics
         print(format_metrics_table(metrics))
-    with open(output.with_suffix('.json'), 'w') as f:
+        if args.pairwise:  # mean win probabilities: ranked, not rounded; order-based metrics only
+            pairwise = compute_metrics(rows, key='pairwise_score')
+            if pairwise is not None:
+                report['pairwise_metrics'] = order_metrics_only(pairwise)
+                print('\nPair head (--pairwise, mean win probability; order-based metrics only):')
+                print(format_metrics_table(report['pairwise_metrics'], metric_names=PAIRWISE_METRICS))
+    from .checkpoint_files import atomic_write
+    with atomic_write(output.with_suffix('.json'), 'w') as f:
         json.dump(report, f, indent=2)
     if skipped:
-        _logger.warning(f"{len(skipped)} unreadable image(s) skipped; listed in {output.with_suffix('.json')}.")
+        _logger.warning(f"{len(skipped)} unreadable image(s) skipped, not ranked; listed in "
+                        f"{output.with_suffix('.json')} and, without a rank, in {output.with_suffix('.csv')}.")
     if args.contact_sheet:
         from .contact_sheet import make_contact_sheet
-        make_contact_sheet(rows, args.contact_sheet, max_images=args.sheet_max_images)
+        make_contact_sheet([r for r in rows if r['skipped'] is None], args.contact_sheet,
+                           max_images=args.sheet_max_images)
         _logger.info(f"Contact sheet: {args.contact_sheet}")
     _logger.info(f"Results: {output.with_suffix('.csv')} ({len(rows)} rows)")
     return 0

@@ -63,30 +63,40 @@ def test_folder_cli_outputs_match_direct_model_calls(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = _read_csv(out.with_suffix('.csv'))
     assert list(rows[0]) == ['image', 'prompt', 'score', 'rank', 'pairwise_score', 'pairwise_rank', 'category',
-                             'target']
+                             'target', 'skipped']
     good = sorted(str(p) for p in dataset['folder'].glob('img*.png'))
+    broken = str(dataset['folder'] / 'broken.png')
     for prompt in prompts:
         mine = {r['image']: r for r in rows if r['prompt'] == prompt}
-        assert set(mine) == set(good) | {str(dataset['folder'] / 'broken.png')}
+        assert set(mine) == set(good) | {broken}
         direct = _direct_scores(dataset, good, prompt)
         got = torch.tensor([float(mine[p]['score']) for p in good])
         torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-5)
         order = [p for p in sorted(good, key=lambda p: int(mine[p]['rank']))]
         assert order == [good[i] for i in torch.argsort(direct, descending=True).tolist()]
-        assert mine[str(dataset['folder'] / 'broken.png')]['rank'] == str(len(good) + 1)  # unreadable: last
+        # unreadable: listed as skipped (with the reason), never ranked or scored
+        assert {k: mine[broken][k] for k in ('score', 'rank', 'pairwise_score', 'pairwise_rank')} == dict.fromkeys(
+            ('score', 'rank', 'pairwise_score', 'pairwise_rank'), '')
+        assert mine[broken]['skipped'] and not any(mine[p]['skipped'] for p in good)
+        assert sorted(int(mine[p]['pairwise_rank']) for p in good) == list(range(1, len(good) + 1))
+    assert [r['image'] for r in rows if r['prompt'] == prompts[0]][-1] == broken  # after the ranked rows
     report = json.loads(out.with_suffix('.json').read_text())
-    assert [s['image'] for s in report['skipped']] == [str(dataset['folder'] / 'broken.png')]
+    assert [s['image'] for s in report['skipped']] == [broken] and report['num_ranked'] == len(good)
     assert 'metrics' not in report  # no ground truth for a folder
     with Image.open(sheet) as image:
         assert image.format == 'PNG'
-        assert image.size == sheet_size([len(good) + 1, len(good) + 1])
+        assert image.size == sheet_size([len(good), len(good)])  # the skipped image is not drawn
 
 
 def test_csv_cli_with_official_flags_writes_metrics(dataset, tmp_path):
     out = tmp_path / 'stats'
+    lines = open(dataset['val_csv']).read().splitlines()
+    broken = str(dataset['folder'] / 'broken.png')
+    csv_path = tmp_path / 'val_with_broken.csv'  # one unreadable image among the rows
+    csv_path.write_text('\n'.join(lines + ['\t'.join([broken] + lines[1].split('\t')[1:])]) + '\n')
     cmd = [sys.executable, 'scripts/inference.py', '--config-path', str(dataset['config']),
-           '--data-to-inference', dataset['val_csv'], '--checkpoint-path', str(dataset['checkpoint']),
-           '--output-path', str(out), '--is-ordinal-regression']
+           '--data-to-inference', str(csv_path), '--checkpoint-path', str(dataset['checkpoint']),
+           '--output-path', str(out), '--is-ordinal-regression', '--pairwise']
     from conftest import REPO_ROOT
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -95,9 +105,17 @@ def test_csv_cli_with_official_flags_writes_metrics(dataset, tmp_path):
     for key in ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'circle/srcc', 'square/mae'):
         assert key in metrics
     rows = _read_csv(out.with_suffix('.csv'))
-    assert len(rows) == report['num_images'] == 2 * 5 * 2
+    assert len(rows) == report['num_images'] == 2 * 5 * 2 + 1 and report['num_ranked'] == 2 * 5 * 2
     assert all(r['target'] != '' for r in rows)
-    assert 'mean' in result.stdout  # the metrics table
+    assert [r['image'] for r in rows if r['skipped']] == [broken] and report['skipped'][0]['image'] == broken
+    assert metrics['num_samples'] == 2 * 5 * 2  # the skipped row takes no part
+    # --pairwise: printed like the plain metrics, order-based metrics only (win probabilities have no scale)
+    pairwise = report['pairwise_metrics']
+    assert {'srcc', 'krcc', 'pair_acc', 'circle/srcc'} <= set(pairwise)
+    assert not any(k.rpartition('/')[2] in ('mae', 'plcc') for k in pairwise)
+    tables = result.stdout.split('Pair head (--pairwise')
+    assert len(tables) == 2 and 'mae' in tables[0]
+    assert 'srcc' in tables[1] and 'pair_acc' in tables[1] and 'mae' not in tables[1] and 'plcc' not in tables[1]
 
 
 def test_python_api_and_pairwise(dataset):
@@ -131,6 +149,33 @@ def test_bad_inputs_are_clear(dataset, tmp_path):
     mismatch = subprocess.run(base + ['--model', MODEL, '--checkpoint-path', str(fixture)], env=env,
                               capture_output=True, text=True, timeout=300)
     assert mismatch.returncode == 2 and 'does not fit this model' in mismatch.stderr.splitlines()[-1]
+
+
+def test_empty_prompt_is_refused(dataset, tmp_path, capsys):
+    from open_clip_rank.rank import main
+    for prompt in ('', '   '):
+        assert main(['--model', MODEL, '--checkpoint-path', str(dataset['checkpoint']), '--images',
+                     str(dataset['folder']), '--prompt', prompt, '--output-path', str(tmp_path / 'o')]) == 2
+        assert 'open_clip_rank.rank: error: --prompt is empty' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_contact_sheet_labels_show_targets_and_titles_keep_spaces(dataset, tmp_path):
+    from PIL import ImageDraw, ImageFont
+    from open_clip_rank import contact_sheet
+    assert contact_sheet._label({'rank': 3, 'score': 2.154, 'target': 4.0}, 'rank', 'score') == '#3: 2.15  t=4'
+    assert contact_sheet._label({'rank': 3, 'score': 2.154, 'target': None}, 'rank', 'score') == '#3: 2.15'
+    # the title font keeps word spaces: "numbers of" is wider than "numbersof" by more than a pixel or so
+    font = contact_sheet._font(contact_sheet.TITLE_SIZE)
+    draw = ImageDraw.Draw(Image.new('RGB', (8, 8)))
+    if isinstance(font, ImageFont.FreeTypeFont):
+        assert draw.textlength('numbers of', font=font) - draw.textlength('numbersof', font=font) >= 3
+    rows = [{'image': p, 'prompt': 'Rank the numbers of circle.', 'score': float(i), 'rank': i + 1, 'target': i}
+            for i, p in enumerate(sorted(str(p) for p in dataset['folder'].glob('img*.png')))]
+    size = contact_sheet.make_contact_sheet(rows, tmp_path / 'sheet.png')
+    with Image.open(tmp_path / 'sheet.png') as image:
+        assert image.size == size
+    assert [p.name for p in tmp_path.iterdir()] == ['sheet.png']  # written atomically: no temporary left
 
 
 def test_ranking_imports_no_training_module(dataset, tmp_path):
