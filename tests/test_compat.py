@@ -11,6 +11,8 @@ import torch
 import open_clip
 import open_clip_train.data
 import open_clip_train.distributed
+import open_clip_train.file_utils
+import open_clip_train.logger
 import open_clip_train.params
 import open_clip_train.train
 from open_clip import factory
@@ -33,7 +35,8 @@ def test_factory_patch_points_are_live():
 
 
 @pytest.mark.parametrize('module', [open_clip_train.params, open_clip_train.data, open_clip_train.train,
-                                    open_clip_train.distributed])
+                                    open_clip_train.distributed, open_clip_train.logger,
+                                    open_clip_train.file_utils])
 def test_training_patch_points_are_live(module):
     name = compat.TRAINING_PATCH_POINTS[module.__name__.rsplit('.', 1)[-1]]
     assert compat.is_patched(getattr(module, name))
@@ -44,6 +47,7 @@ def test_openclip_train_main_still_calls_what_is_patched():
     import open_clip_train.main as main  # its from-imports bound the patched functions
     assert compat.is_patched(main.parse_args) and compat.is_patched(main.get_data)
     assert compat.is_patched(main.evaluate) and compat.is_patched(main.create_loss)
+    assert compat.is_patched(main.setup_logging) and compat.is_patched(main.pt_load)
 
 
 def test_moved_patch_points_fail_with_one_line(monkeypatch):
