@@ -119,7 +119,9 @@ def main(argv=None):
     from .metrics import format_metrics_table
     print('\nValidation ranking (held-out images, each scored under its own instruction):')
     print(format_metrics_table(metrics))
-    (out / 'val_metrics.json').write_text(json.dumps(metrics, indent=2))
+    from .checkpoint_files import atomic_write
+    with atomic_write(out / 'val_metrics.json') as f:
+        json.dump(metrics, f, indent=2)
     passed = metrics['srcc'] >= args.min_srcc
     print(f"\nMean validation SRCC {metrics['srcc']:.3f} ({'>=' if passed else '<'} {args.min_srcc}: "
           f"{'PASS' if passed else 'FAIL'})")

@@ -183,8 +183,9 @@ def class_weights(rows: Sequence[Dict]) -> List[float]:
 
 def write_rank_csv(path: str, rows: Sequence[Dict]) -> None:
     """Tab-separated, header first, in the column order of the official format."""
+    from .checkpoint_files import atomic_write
     weights = class_weights(rows)
-    with open(path, 'w', newline='') as f:
+    with atomic_write(path, 'w', newline='') as f:  # an interrupted run never leaves half a CSV
         writer = csv.writer(f, delimiter='\t', lineterminator='\n')
         writer.writerow(COLUMNS)
         for row, weight in zip(rows, weights):
