@@ -98,6 +98,15 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     if model is not None:
         check_model_name(model)
     name = model if model is not None else _register_config_file(config_path)
+    from .compat import split_model_name
+    no_weights = UninitialisedModelError(
+        f"model {name} holds no trained weights (no checkpoint given, none in its source), so it would rank with "
+        f"random ones: pass --checkpoint-path CKPT (checkpoint_path=), or --random-weights (random_weights=True) "
+        f"to rank with random weights on purpose.")
+    if checkpoint_path is None and not random_weights and split_model_name(name)[0] is None:
+        from .registry import family_for_model_name
+        if family_for_model_name(name) is not None:
+            raise no_weights  # a plain name only has weights from a checkpoint: no need to build the model first
     device = torch.device(device) if device is not None else default_device()
     net, _, preprocess_val = _create(name, checkpoint_path, device, precision)
     if family_for_model(net) is None:
@@ -105,10 +114,7 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
         raise ValueError(f"model {name} is not a rank model (its config has none of {keys}).")
     if loaded_from(net) is None:
         if not random_weights:
-            raise UninitialisedModelError(
-                f"model {name} holds no trained weights (no checkpoint given, none in its source), so it would "
-                f"rank with random ones: pass --checkpoint-path CKPT (checkpoint_path=), or --random-weights "
-                f"(random_weights=True) to rank with random weights on purpose.")
+            raise no_weights
         _logger.warning(f"Ranking with random weights (asked for): model {name} loaded no checkpoint.")
     _, transform = rank_transforms(preprocess_val)
     return net.eval(), transform, open_clip.get_tokenizer(name)
