@@ -195,6 +195,65 @@ def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, 
     return scores, skipped
 
 
+@torch.inference_mode()
+def predict_images(model, images: Sequence[ImageLike], transform, prompt: Optional[str] = None, tokenizer=None,
+                   batch_size: int = 64, device=None, progress: bool = False):
+    """Every per-image prediction the model's family makes (``rank_predictions``), under one prompt, or none
+    for models whose prompts are learned (``needs_prompt`` False, e.g. ordinal models).
+
+    -> ({name: tensor [N] or [N, ...]} with NaN rows for unreadable images, skipped). Ordinal models give
+    ``score`` (= ``expected_rank``), ``expected_rank``, ``predicted_rank`` and ``probs`` [N, R].
+    """
+    if model.needs_prompt and (prompt is None or tokenizer is None):
+        raise ValueError(f"{model.family_name} models rank by an instruction: give a prompt (and the tokenizer).")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompt_state = model.encode_prompts(tokenizer([prompt]).to(device) if model.needs_prompt else None)
+    outputs, skipped = {}, []
+    for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'predicting'):
+        skipped += bad
+        if batch is None:
+            continue
+        predictions = model.rank_predictions(model.encode_image_tokens(batch.to(device)), prompt_state)
+        for name, value in predictions.items():
+            if name not in outputs:
+                outputs[name] = torch.full((len(images), *value.shape[1:]), float('nan'))
+            outputs[name][kept] = value.float().cpu()
+    return outputs, skipped
+
+
+def export_prototypes(model, path) -> torch.Tensor:
+    """Write an ordinal model's learned rank prototypes [R, D] to a small file (atomically): with them
+    (``load_prototypes``) inference runs the image tower only."""
+    prototypes = model.rank_prototypes()
+    if prototypes is None:
+        raise ValueError(f"{model.family_name} models have no rank prototypes to export.")
+    payload = {'prototypes': prototypes.detach().float().cpu(), 'family': model.family_name,
+               'num_ranks': int(prototypes.shape[0])}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return payload['prototypes']
+
+
+def load_prototypes(model, path) -> torch.Tensor:
+    """Freeze ``model``'s prototypes to those exported in ``path`` (one clear error when they do not fit)."""
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=True)
+        prototypes = payload['prototypes']
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prototype file {path} does not exist.")
+    except Exception as err:
+        raise ValueError(f"{path} is not a prototype file written by export_prototypes ({type(err).__name__}: {err}).")
+    if not hasattr(model, 'freeze_prototypes'):
+        raise ValueError(f"{model.family_name} models do not use rank prototypes.")
+    try:
+        return model.freeze_prototypes(prototypes)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}")
+
+
 def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
     """1 = highest score; NaN scores rank last."""
     filled = torch.nan_to_num(scores.float(), nan=float('-inf'))

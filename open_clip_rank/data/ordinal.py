@@ -29,15 +29,17 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class OrdinalTable:
     paths: List[str]
-    labels: List[List[int]]  # one or more labels per image
+    labels: Optional[List[List[int]]]  # one or more labels per image; None: no ground truth (inference)
     num_ranks: int
     source: str
 
     def __len__(self):
         return len(self.paths)
 
-    def eval_labels(self) -> List[int]:
+    def eval_labels(self) -> Optional[List[int]]:
         """The label each image is evaluated with: the middle one (the official data module)."""
+        if self.labels is None:
+            return None
         return [labels[len(labels) // 2] for labels in self.labels]
 
 
@@ -73,20 +75,23 @@ def _read_list_file(path, lines, num_ranks, image_root):
     return paths, labels
 
 
-def _read_csv(path, sep, img_key, value_key, num_ranks, image_root):
+def _read_csv(path, sep, img_key, value_key, num_ranks, image_root, require_labels):
     import pandas as pd
     df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    for flag, column in (('--csv-img-key', img_key), ('--csv-value-key', value_key)):
+    needed = (('--csv-img-key', img_key), ('--csv-value-key', value_key))
+    for flag, column in needed if require_labels else needed[:1]:
         if column not in df.columns:
             raise RankDataError(f"{path} has no column '{column}' (columns: {list(df.columns)}); ordinal data needs "
                                 f"it: rename the column or pass {flag}.")
     paths = [_resolve(str(p), image_root) for p in df[img_key].tolist()]
+    if value_key not in df.columns:
+        return paths, None
     labels = [[_parse_label(v, path, i + 2, num_ranks)] for i, v in enumerate(df[value_key].tolist())]
     return paths, labels
 
 
 def load_ordinal_table(path, num_ranks: int, img_key='filepath', value_key='value', sep='\t',
-                       image_root: Optional[str] = None, check_files=True) -> OrdinalTable:
+                       image_root: Optional[str] = None, check_files=True, require_labels=True) -> OrdinalTable:
     if not os.path.isfile(path):
         raise RankDataError(f"ordinal data file {path} does not exist.")
     with open(path) as f:
@@ -95,7 +100,7 @@ def load_ordinal_table(path, num_ranks: int, img_key='filepath', value_key='valu
         raise RankDataError(f"{path} is empty; it needs one image per line.")
     header = lines[0].split(sep)
     if img_key in header:
-        paths, labels = _read_csv(path, sep, img_key, value_key, num_ranks, image_root)
+        paths, labels = _read_csv(path, sep, img_key, value_key, num_ranks, image_root, require_labels)
     else:
         paths, labels = _read_list_file(path, lines, num_ranks, image_root)
     if not paths:

@@ -97,7 +97,7 @@ class OrdinalMixin(RankModel):
             raise ValueError(f"prototypes of shape {tuple(prototypes.shape)} do not fit this model "
                              f"({self.num_ranks} ranks x {self.prototype_dim} features).")
         device = self.logit_scale.device
-        self.frozen_prototypes = F.normalize(prototypes.detach().to(device=device, dtype=torch.float32), dim=-1)
+        self.frozen_prototypes = prototypes.detach().to(device=device, dtype=torch.float32)  # as exported: normalised
         return self.frozen_prototypes
 
     def unfreeze_prototypes(self):

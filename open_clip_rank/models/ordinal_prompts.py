@@ -40,6 +40,10 @@ def _normal(distance, num_ranks):
 
 
 INTERPOLATIONS = {'linear': _linear, 'inv_prop': _inv_prop, 'normal': _normal}
+# Weights given as logs, normalised with a softmax: the official exp(-d^2) / sum underflows to 0 / 0 = NaN for
+# ranks more than ~10 ranks from every base rank (e.g. 174 of 303 weights for 3 base ranks over 101 ranks,
+# so training is NaN from the first step); the softmax is the same value wherever that is finite.
+LOG_INTERPOLATIONS = {'normal': lambda distance, num_ranks: -distance * distance}
 
 
 def interpolation_weights(interpolation_type: str, num_base_ranks: int, num_ranks: int,
@@ -56,7 +60,10 @@ def interpolation_weights(interpolation_type: str, num_base_ranks: int, num_rank
         positions = torch.linspace(0, num_ranks - 1, 3, dtype=dtype)[1:2]
     else:
         positions = torch.linspace(0, num_ranks - 1, num_base_ranks, dtype=dtype)
-    weights = INTERPOLATIONS[interpolation_type]((ranks - positions[None]).abs(), num_ranks)
+    distance = (ranks - positions[None]).abs()
+    if interpolation_type in LOG_INTERPOLATIONS:
+        return LOG_INTERPOLATIONS[interpolation_type](distance, num_ranks).softmax(dim=-1)
+    weights = INTERPOLATIONS[interpolation_type](distance, num_ranks)
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
