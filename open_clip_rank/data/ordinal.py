@@ -43,16 +43,16 @@ class OrdinalTable:
         return [labels[len(labels) // 2] for labels in self.labels]
 
 
-def _parse_label(text, path, row, num_ranks) -> int:
+def _parse_label(text, path, where, num_ranks) -> int:
     try:
         value = float(text)
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value) or value != int(value):
-        raise RankDataError(f"{path} row {row}: label {text!r} is not an integer; ordinal labels are rank indices "
+        raise RankDataError(f"{path} {where}: label {text!r} is not an integer; ordinal labels are rank indices "
                             f"0..{num_ranks - 1}.")
     if not 0 <= int(value) < num_ranks:
-        raise RankDataError(f"{path} row {row}: label {int(value)} is outside [0, {num_ranks}) for a model with "
+        raise RankDataError(f"{path} {where}: label {int(value)} is outside [0, {num_ranks}) for a model with "
                             f"ordinal_cfg.num_ranks={num_ranks}; fix the label or the model's num_ranks.")
     return int(value)
 
@@ -71,7 +71,7 @@ def _read_list_file(path, lines, num_ranks, image_root):
             raise RankDataError(f"{path} line {row}: {line.strip()!r} has no label; list files hold "
                                 f"'path label [label ...]' per line.")
         paths.append(_resolve(parts[0], image_root))
-        labels.append([_parse_label(v, path, row, num_ranks) for v in parts[1:]])
+        labels.append([_parse_label(v, path, f'line {row}', num_ranks) for v in parts[1:]])
     return paths, labels
 
 
@@ -86,7 +86,7 @@ def _read_csv(path, sep, img_key, value_key, num_ranks, image_root, require_labe
     paths = [_resolve(str(p), image_root) for p in df[img_key].tolist()]
     if value_key not in df.columns:
         return paths, None
-    labels = [[_parse_label(v, path, i + 2, num_ranks)] for i, v in enumerate(df[value_key].tolist())]
+    labels = [[_parse_label(v, path, f'row {i + 2}', num_ranks)] for i, v in enumerate(df[value_key].tolist())]
     return paths, labels
 
 
