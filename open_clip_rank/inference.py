@@ -63,10 +63,12 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     device = torch.device(device) if device is not None else default_device()
     net, _, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=checkpoint_path, precision=precision, device=device)
-    if family_for_model(net) is None:
+    family = family_for_model(net)
+    if family is None:
         keys = [f.config_key for f in FAMILIES.values()]
         raise ValueError(f"model {name} is not a rank model (its config has none of {keys}).")
-    _, transform = rank_transforms(preprocess_val)
+    # the family's evaluation preprocessing, as in training
+    transform = rank_transforms(preprocess_val)[1] if family.square_resize else preprocess_val
     return net.eval(), transform, open_clip.get_tokenizer(name)
 
 

@@ -31,6 +31,8 @@ class RankFamily:
     custom_text_class: str  # ... and ``CustomTextCLIP``
     default_loss: str  # --loss-opt when none is given
     sample_types: Tuple[str, ...]  # --csv-dataset-sample-type values this family trains on
+    # images resized to the square input without cropping (the adapter's data), else OpenCLIP's preprocessing
+    square_resize: bool = True
     base_aliases: Mapping[str, str] = field(default_factory=lambda: BASE_MODEL_ALIASES)
 
     def model_class(self, custom_text: bool):
@@ -60,7 +62,7 @@ register_family(RankFamily(
     name='ordinal', config_key='ordinal_cfg', suffix='-ordinal', model_module='open_clip_rank.models.ordinal',
     clip_class='OrdinalCLIP', custom_text_class='OrdinalCustomTextCLIP',
     default_loss='ordinal',  # CE + KL, as the official runner
-    sample_types=('ordinal',),
+    sample_types=('ordinal',), square_resize=False,
 ))
 
 

@@ -150,6 +150,7 @@ class OrdinalMixin(RankModel):
         return {'score': expected, 'expected_rank': expected, 'predicted_rank': probs.argmax(dim=-1),
                 'probs': probs}
 
+    @torch.no_grad()
     def rank_prototypes(self) -> torch.Tensor:
         return self.prototypes()
 
