@@ -238,3 +238,22 @@ def test_csv_without_label_column_names_it(tmp_path):
     with pytest.raises(RankDataError, match=r"has no column 'value' .* pass --csv-value-key"):
         load_ordinal_table(str(csv), 6)
     assert load_ordinal_table(str(csv), 6, value_key='age').labels == [[3]]
+
+
+def test_timm_image_tower_with_another_models_text_tower_loads_text_weights_only(tmp_path, caplog):
+    """The MORPH setup in small: a timm image tower + a CLIP text tower; base CLIP weights (whose image tower is a
+    ResNet) load the text tower, and the timm tower keeps its own weights, saying so."""
+    vision = {"timm_model_name": "resnet10t", "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "",
+              "image_size": 32}
+    torch.manual_seed(0)
+    model = OrdinalCLIP(32, vision, TINY['text_cfg'], ordinal_cfg={'num_ranks': 6, 'num_context_tokens': 4})
+    tower_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    base = open_clip.model.CLIP(TINY['embed_dim'], TINY['vision_cfg'], TINY['text_cfg'])
+    path = tmp_path / 'clip.pt'
+    torch.save(base.state_dict(), path)
+    with caplog.at_level('INFO'):
+        open_clip.load_checkpoint(model, str(path))  # as create_model(pretrained=...) does
+    assert torch.equal(model.text_projection, base.text_projection)
+    assert all(torch.equal(v, tower_before[k]) for k, v in model.visual.state_dict().items())
+    assert 'keep their timm initialisation' in caplog.text
+    assert model(torch.randn(2, 3, 32, 32))['ordinal_logits'].shape == (2, 6)
