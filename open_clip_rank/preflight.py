@@ -119,15 +119,20 @@ def _check_new_experiment(args):
 
 
 def _check_rank_data(args):
-    """The rank data checks of ``get_data``, moved before OpenCLIP creates the experiment folder."""
+    """The data checks of the families' ``get_data``, run before OpenCLIP creates the experiment folder
+    (those that need the world size, e.g. "fewer rows than one batch", stay in ``get_data``)."""
     sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
     if sample_type == 'default':
         return
-    from .data.loaders import _table_for, check_model_trains_on
-    check_model_trains_on(args, sample_type)
+    from .data import loaders
+    loaders.check_model_trains_on(args, sample_type)
     for path, is_train in ((args.train_data, True), (args.val_data, False)):
-        if path:
-            _table_for(args, path, is_train=is_train)
+        if not path:
+            continue
+        if sample_type == 'rank':
+            loaders._table_for(args, path, is_train=is_train)
+        elif sample_type == 'ordinal':
+            loaders._ordinal_table(args, path, loaders._num_ranks(args))
 
 
 def check_training_start(args):
