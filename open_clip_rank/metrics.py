@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-METRIC_NAMES = ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc')
+METRIC_NAMES = ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'pair_acc_official')
 _NAN = float('nan')
 
 
@@ -184,6 +184,28 @@ def pairwise_accuracy(pred, target) -> float:
     return _pair_acc_from_counts(*_pair_counts(x, y))
 
 
+def official_pairwise_accuracy(pred, target, block: int = 2048) -> float:
+    """The official code's pairwise "accuracy", for comparing with the paper's tables (not ``pair_acc``).
+
+    Over the index pairs of ``np.tril_indices(n, k=1)`` (the lower triangle *with* the diagonal and the first
+    super-diagonal), the share where (pred_j - pred_i >= 0) equals (target_j - target_i >= 0): ties in either
+    count as ">=", and the n diagonal pairs always agree. Computed in row blocks (no n x n matrix).
+    """
+    x, y = _pair(pred, target)
+    n = len(x)
+    if n == 0:
+        return _NAN
+    agree = total = 0
+    for start in range(0, n, block):
+        i = np.arange(start, min(start + block, n))[:, None]
+        j = np.arange(n)[None, :]
+        inside = j <= i + 1  # tril_indices(n, k=1)
+        same = (x[None, :] - x[i] >= 0) == (y[None, :] - y[i] >= 0)
+        agree += int((same & inside).sum())
+        total += int(inside.sum())
+    return agree / total
+
+
 def round_predictions(pred) -> np.ndarray:
     """Nearest integer (half to even), for comparing scores with ordinal targets such as 0..9."""
     return np.rint(_as_array(pred))
@@ -202,6 +224,7 @@ def _all_metrics(x, y):
         'plcc': plcc(x, y),
         'mae': mae(x, y),
         'pair_acc': acc,
+        'pair_acc_official': official_pairwise_accuracy(x, y) if len(x) else _NAN,
     }
 
 

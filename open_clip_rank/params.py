@@ -52,6 +52,17 @@ def add_plugin_args(parser: argparse.ArgumentParser):
     group.add_argument(
         '--negative-ratio', type=float, default=0.2,
         help='Share of each rank batch drawn from other categories, captioned with the batch category, target 0.')
+    group.add_argument(
+        '--train-with-relevance-score', action='store_true', default=False,
+        help='As the original option: each training batch draws a reference value Y in [0, --relevance-max-score); '
+             'captions become "<instruction> by the relevance count to Y." and targets |value - Y|.')
+    group.add_argument('--relevance-max-score', type=int, default=13,
+                       help='Reference values for --train-with-relevance-score are 0..N-1 (the original: 13, counting).')
+    group.add_argument(
+        '--strict-tower-lock', action='store_true', default=False,
+        help='Adapter models: --lock-image / --lock-text freeze the whole tower. Default, as the original code: '
+             '--lock-text freezes only the text transformer blocks (token/positional embeddings, ln_final and the '
+             'projection train) and --lock-image keeps a ViT\'s visual.proj trainable.')
     group.add_argument('--csv-value-key', type=str, default='value', help='CSV column of the ranking target.')
     group.add_argument('--csv-category-key', type=str, default='cname',
                        help='CSV column of the category word that appears in the caption.')
@@ -72,9 +83,13 @@ def validate_plugin_args(args):
             raise ValueError(f"--negative-ratio must be in [0, 1), got {args.negative_ratio}.")
         if args.dataset_type not in ('csv', 'auto'):
             raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv, got {args.dataset_type}.")
+        if args.train_with_relevance_score and args.relevance_max_score < 1:
+            raise ValueError(f"--relevance-max-score must be >= 1, got {args.relevance_max_score}.")
         # A rank model uses the same parameters every step (e.g. never the pair head with single-head
         # loss): DDP's static graph handles such unused parameters without find_unused_parameters.
         args.ddp_static_graph = True
+    if args.train_with_relevance_score and args.csv_dataset_sample_type != 'rank':
+        raise ValueError("--train-with-relevance-score re-words rank batches: add --csv-dataset-sample-type rank.")
     if args.csv_dataset_sample_type == 'ordinal':
         if args.dataset_type not in ('csv', 'auto'):
             raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv, got {args.dataset_type}.")
@@ -87,6 +102,8 @@ def validate_plugin_args(args):
         given = f"--loss-opt {loss}" if args.loss_opt else f"--model {args.model} (default loss {loss})"
         raise ValueError(f"{given} trains on targets: add --dataset-type csv "
                          f"--csv-dataset-sample-type {needed} (CSV with a '{args.csv_value_key}' column).")
+    from .models.adapter import set_tower_lock_policy
+    set_tower_lock_policy(strict=args.strict_tower_lock)  # read by the adapter models' lock_*_tower
     return args
 
 

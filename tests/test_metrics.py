@@ -234,3 +234,20 @@ def test_format_metrics_table():
     assert [row[0] for row in body] == [*sorted(set(cats)), 'mean']
     assert body[-1][1:] == [f'{out[m]:.3f}' for m in METRIC_NAMES]
     assert len({len(line) for line in lines}) == 1  # fixed width
+
+
+def test_official_pairwise_accuracy_restates_the_original_formula():
+    """The original: np.tril_indices(n, k=1) of (pred_j - pred_i >= 0) == (target_j - target_i >= 0)."""
+    from open_clip_rank.metrics import official_pairwise_accuracy
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 37):
+        pred = rng.integers(0, 4, n).astype(float)  # ties on both sides
+        target = rng.integers(0, 4, n).astype(float)
+        u = target[None, :] - target[:, None]
+        v = pred[None, :] - pred[:, None]
+        i, j = np.tril_indices(n, k=1)
+        expected = np.mean((v[i, j] >= 0) == (u[i, j] >= 0))
+        assert official_pairwise_accuracy(pred, target, block=3) == pytest.approx(expected)
+    # by hand: n = 3, pred = (0, 1, 2), target = (0, 2, 1); pairs (0,0) (0,1) (1,0) (1,1) (1,2) (2,0) (2,1) (2,2)
+    # agree: diag x3, (0,1) yes, (1,0) yes, (1,2) pred +1 target -1: no, (2,0) yes, (2,1) pred -1 target +1: no
+    assert official_pairwise_accuracy([0, 1, 2], [0, 2, 1]) == pytest.approx(6 / 8)

@@ -45,21 +45,54 @@ def test_custom_text_config_builds_custom_text_model():
     assert isinstance(open_clip.create_model('tiny-vit-adapter'), RankAdapterCLIP)
 
 
-def test_lock_towers_leaves_adapter_trainable():
-    model = open_clip.create_model('tiny-vit-adapter')
-    model.lock_image_tower()
-    model.lock_text_tower()
-    for name, param in model.named_parameters():
-        if name.startswith(('visual.', 'transformer.', 'token_embedding', 'positional_embedding',
-                            'ln_final', 'text_projection')):
-            assert not param.requires_grad, name
-        elif name.startswith('adapter.'):
-            assert param.requires_grad, name
+# What trains after the seed's --lock-image --lock-text, as in the original code: the adapter, the text token
+# and positional embeddings and ln_final (its lock_text_tower freezes only the transformer blocks) and a ViT's
+# visual.proj (its "WORKAROUND: locking image tower but not proj"). The text projection, logit scale and a
+# ResNet's attention pool feed no rank output: the original leaves them requires_grad without ever giving
+# them a gradient; here they are frozen outright.
+OFFICIAL_TRAINABLE = {
+    'tiny-vit-adapter': ('adapter.', 'token_embedding.weight', 'positional_embedding', 'ln_final.', 'visual.proj'),
+    'tiny-convnext-adapter': ('adapter.', 'token_embedding.weight', 'positional_embedding', 'ln_final.'),
+    'tiny-customtext-adapter': ('adapter.', 'text.token_embedding.weight', 'text.positional_embedding',
+                                'text.ln_final.', 'visual.proj'),
+}
+
+
+def _trainable_after_locks(name, strict):
+    from open_clip_rank.models.adapter import set_tower_lock_policy
+    set_tower_lock_policy(strict=strict)
+    try:
+        model = open_clip.create_model(name)
+        model.lock_image_tower()
+        model.lock_text_tower(0, False)  # OpenCLIP's CLI passes freeze_layer_norm=False without its flag
+    finally:
+        set_tower_lock_policy(strict=False)
+    return model, {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize('name', sorted(OFFICIAL_TRAINABLE))
+def test_seed_locks_train_the_official_parameter_set(name, caplog):
+    with caplog.at_level('INFO', logger='open_clip_rank'):
+        model, trainable = _trainable_after_locks(name, strict=False)
+    expected = {n for n, _ in model.named_parameters() if n.startswith(OFFICIAL_TRAINABLE[name])}
+    assert trainable == expected
+    assert 'Image tower locked' in caplog.text and 'Text tower locked' in caplog.text
+
+
+@pytest.mark.parametrize('name', sorted(OFFICIAL_TRAINABLE))
+def test_strict_tower_lock_freezes_both_towers(name):
+    model, trainable = _trainable_after_locks(name, strict=True)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith('adapter.')}
+
+
+def test_locked_towers_get_no_gradient():
+    model, _ = _trainable_after_locks('tiny-vit-adapter', strict=False)
     images, texts, targets = _batch('tiny-vit-adapter')
     out = model(images, texts)
     (out['rank_scores'].sum() + out['pair_logits'].sum()).backward()
     assert model.adapter.regressor.output_head.weight.grad is not None
-    assert model.visual.conv1.weight.grad is None
+    assert model.visual.proj.grad is not None and model.token_embedding.weight.grad is not None
+    assert model.visual.conv1.weight.grad is None and model.transformer.resblocks[0].mlp.c_fc.weight.grad is None
 
 
 def test_grad_checkpointing_gives_same_gradients():

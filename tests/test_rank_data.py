@@ -188,3 +188,37 @@ def test_wrong_separator_hint(tmp_path, image_file):
     path = _write(tmp_path, f'filepath,title,cname,value\n{image_file},Rank a.,a,1\n')
     with pytest.raises(RankDataError, match='--csv-separator'):
         load_rank_table(path)
+
+
+@pytest.mark.parametrize('batch_size, ratio, positives', [(10, 0.25, 7), (10, 0.2, 8), (8, 0.25, 6), (5, 0.0, 5),
+                                                          (7, 0.5, 3), (16, 0.3, 11)])
+def test_positives_per_batch_are_the_official_count(batch_size, ratio, positives):
+    """min(int(B * (1 - r)), n) positives, as the original sampler (10, 0.25 gives 7, not round's 8)."""
+    table = _table([60, 60])
+    sampler = RankBatchSampler(table, batch_size, ratio, seed=0)
+    for batch in sampler.plan(0):
+        assert sum(c < 0 for r, c in batch) == positives and len(batch) == batch_size
+
+
+def test_relevance_score_batches_reword_captions_and_targets():
+    table = _table([30, 30])
+    sampler = RankBatchSampler(table, 6, 0.25, seed=2, relevance_max=13)
+    dataset = RankDataset(table, lambda image: torch.zeros(1), lambda captions: captions)
+    dataset._load_image = lambda row: torch.zeros(1)
+    references = set()
+    for batch in sampler.plan(0):
+        keys = {key[2] for key in batch}
+        assert len(keys) == 1 and 0 <= next(iter(keys)) < 13  # one reference value per batch
+        reference = next(iter(keys))
+        references.add(reference)
+        for key in batch:
+            _, caption, target, _ = dataset[key]
+            row, category = key[0], key[1]
+            value = table.values[row] if category < 0 else 0.0
+            assert target == abs(value - reference)
+            assert caption.endswith(f" by the relevance count to {reference}.") and caption.count('.') == 1
+    assert len(references) > 1
+    two_ranks = [RankBatchSampler(table, 6, 0.25, seed=2, relevance_max=13, rank=r, world_size=2).plan(0)
+                 for r in (0, 1)]
+    everything = RankBatchSampler(table, 6, 0.25, seed=2, relevance_max=13).plan(0)
+    assert two_ranks[0] == everything[0::2][:len(two_ranks[0])]  # the same references on every process

@@ -41,6 +41,11 @@ class RankDataset(Dataset):
         own = self.table.category_names[self.table.category_ids[row]]
         return caption.replace(own, self.table.category_names[batch_category]), 0.0, batch_category
 
+    @staticmethod
+    def _relative_to(caption, target, reference):
+        """The official ``--train-with-relevance-score``: rank by closeness to the batch's reference value."""
+        return f"{caption.replace('.', '')} by the relevance count to {reference}.", abs(target - reference)
+
     def _load_image(self, row):
         path = self.table.paths[row]
         try:
@@ -53,7 +58,8 @@ class RankDataset(Dataset):
             return None
 
     def __getitem__(self, key):
-        row, batch_category = key if isinstance(key, tuple) else (key, -1)
+        row, batch_category, *relevance = key if isinstance(key, tuple) else (key, -1)
+        reference = relevance[0] if relevance else -1
         image = self._load_image(row)
         if image is None and self.replace_unreadable:
             same = self.table.rows_of(self.table.category_ids[row])
@@ -67,6 +73,8 @@ class RankDataset(Dataset):
         if image is None:
             return None
         caption, target, category = self._caption(row, batch_category)
+        if reference >= 0:
+            caption, target = self._relative_to(caption, target, reference)
         return image, self.tokenize([caption])[0], target, category
 
 

@@ -67,8 +67,10 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
     if args.train_data:
         table = _table_for(args, args.train_data, is_train=True)
         shared_epoch = SharedEpoch(epoch)
+        relevance_max = args.relevance_max_score if getattr(args, 'train_with_relevance_score', False) else 0
         sampler = RankBatchSampler(table, args.batch_size, args.negative_ratio, seed=args.seed,
-                                   rank=args.rank, world_size=args.world_size, shared_epoch=shared_epoch)
+                                   rank=args.rank, world_size=args.world_size, shared_epoch=shared_epoch,
+                                   relevance_max=relevance_max)
         loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args, with_pairs)
         loader.num_batches = len(sampler)
         loader.num_samples = len(sampler) * args.batch_size * args.world_size

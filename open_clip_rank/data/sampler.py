@@ -19,9 +19,10 @@ class FixedEpoch(NamedTuple):
 
 
 class RankBatchSampler:
-    """Yields batches of (row, batch_category) keys; batch_category is -1 for positives.
+    """Yields batches of (row, batch_category) keys; batch_category is -1 for positives. With ``relevance_max``
+    each batch draws a reference value from 0..max-1 and its keys are (row, batch_category, reference).
 
-    Per batch (as the official sampler): a category drawn uniformly; ``n_pos = B - round(B * ratio)``
+    Per batch (as the official sampler): a category drawn uniformly; ``n_pos = min(int(B * (1 - ratio)), n)``
     positives drawn from it without replacement, with probability proportional to the weight column
     when there is one. A category with fewer rows than ``n_pos`` contributes all its rows and the rest
     of the batch is negatives, so every batch has exactly ``batch_size`` samples. Negatives are drawn
@@ -32,12 +33,14 @@ class RankBatchSampler:
     """
 
     def __init__(self, table: RankTable, batch_size: int, negative_ratio: float = 0.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shared_epoch=None):
+                 rank: int = 0, world_size: int = 1, shared_epoch=None, relevance_max: int = 0):
         if batch_size < 2:
             raise RankDataError(f"rank sampling needs --batch-size >= 2 (pairs within a batch), got {batch_size}.")
         self.table = table
         self.batch_size = batch_size
-        self.num_negatives = int(round(batch_size * negative_ratio))
+        self.num_positives = int(batch_size * (1 - negative_ratio))  # the official count (int, not round)
+        self.num_negatives = batch_size - self.num_positives
+        self.relevance_max = relevance_max
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shared_epoch = shared_epoch or FixedEpoch(0)
         self.rows = [table.rows_of(c) for c in range(len(table.category_names))]
@@ -75,10 +78,13 @@ class RankBatchSampler:
         batches = []
         for _ in range(self.num_batches * self.world_size):
             category = int(rng.integers(len(self.rows)))
-            n_pos = min(self.batch_size - self.num_negatives, len(self.rows[category]))
+            n_pos = min(self.num_positives, len(self.rows[category]))
             positives = self._positives(rng, category, n_pos)
             negatives = self._negatives(rng, category, self.batch_size - n_pos)
+            reference = int(rng.integers(self.relevance_max)) if self.relevance_max else -1
             keys = [(int(r), -1) for r in positives] + [(int(r), category) for r in negatives]
+            if reference >= 0:
+                keys = [key + (reference,) for key in keys]
             order = rng.permutation(len(keys))
             batches.append([keys[i] for i in order])
         return batches[self.rank::self.world_size]

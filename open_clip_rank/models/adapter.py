@@ -5,6 +5,7 @@
 official code cannot build). ``open_clip.create_model`` builds them for any config carrying an
 ``adapter_cfg`` (see ``registry.py``), so every OpenCLIP option keeps working.
 """
+import logging
 from typing import Optional
 
 import torch
@@ -19,6 +20,8 @@ from .. import compat
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
 from .towers import emit_tokens, image_tokens
+
+_logger = logging.getLogger(__name__)
 
 
 def _vision_cfg(cfg) -> CLIPVisionCfg:
@@ -72,6 +75,21 @@ def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCf
                 f"set adapter_cfg.d_model to {width} or change the tower config.")
 
 
+# --lock-image / --lock-text on adapter models: 'official' (the original code's trainable set) or 'strict'
+# (whole towers frozen). Set from the training flags (--strict-tower-lock) before the model is built and locked.
+_TOWER_LOCK = {'strict': False}
+
+
+def set_tower_lock_policy(strict: bool) -> None:
+    _TOWER_LOCK['strict'] = bool(strict)
+
+
+def _log_trainable(what: str, module: nn.Module, policy: str):
+    params = list(module.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    _logger.info(f"{what} locked ({policy}): {trainable:,} of {sum(p.numel() for p in params):,} parameters trainable.")
+
+
 class AdapterOutput(RankOutput):
     """Rank outputs of an adapter model; the official output names read as aliases:
     ``adapter_logits`` = ``rank_scores`` as [N, 1], ``adapter_paired_logits`` = ``pair_logits`` as [N*N, 1]
@@ -119,6 +137,34 @@ class RankAdapterMixin(RankModel):
                 param.requires_grad_(False)
 
     @torch.jit.ignore
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
+        """``--lock-image``: OpenCLIP's lock, then, as the original code ("locking image tower but not proj"),
+        a ViT's ``visual.proj`` trains again; ``--strict-tower-lock`` keeps the whole tower frozen."""
+        super().lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+        strict = _TOWER_LOCK['strict']
+        if not strict and isinstance(getattr(self.visual, 'proj', None), nn.Parameter):
+            self.visual.proj.requires_grad_(True)
+        _log_trainable('Image tower', self.visual, 'strict' if strict else 'as the original: visual.proj trains')
+
+    def _text_transformer(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _lock_text_strictly(self, unlocked_layers: int):
+        raise NotImplementedError
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+        """``--lock-text``: as the original code, only the text transformer blocks freeze (token and positional
+        embeddings, ``ln_final`` and the projection keep training); ``--strict-tower-lock`` freezes the tower,
+        LayerNorms included (OpenCLIP 3.3's ``CLIP.lock_text_tower`` asserts ``freeze_layer_norm``, which its CLI
+        passes as False unless ``--lock-text-freeze-layer-norm``: that assertion is not reproduced)."""
+        if _TOWER_LOCK['strict']:
+            self._lock_text_strictly(unlocked_layers)
+            policy = 'strict'
+        else:
+            self._text_transformer().requires_grad_(False)
+            policy = 'as the original: transformer blocks only'
+        _log_trainable('Text tower', self._text_tower_module(), policy)
+
     def set_grad_checkpointing(self, enable=True):
         super().set_grad_checkpointing(enable)
         self.adapter.set_grad_checkpointing(enable)
@@ -194,14 +240,20 @@ class RankAdapterCLIP(RankAdapterMixin, CLIP):
         super().__init__(clip_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
         self._init_rank_adapter(embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype)
 
-    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
-        """``--lock-text`` locks the whole text tower, LayerNorms included.
+    def _text_transformer(self) -> nn.Module:
+        return self.transformer
 
-        OpenCLIP 3.3's ``CLIP.lock_text_tower`` asserts ``freeze_layer_norm``, which its own CLI passes
-        as False unless ``--lock-text-freeze-layer-norm`` is given, so the seed's ``--lock-text`` command
-        would fail on every CLIP-class adapter model; LayerNorms are treated like other weights here.
-        """
+    def _lock_text_strictly(self, unlocked_layers: int):
         lock_text_tower(self, unlocked_layers)
+
+    def _text_tower_module(self) -> nn.Module:
+        """The text tower's parameters, gathered (a CLIP keeps them on the model itself)."""
+        parts = [self.token_embedding, self.transformer, self.ln_final]
+        tower = nn.ModuleList(parts)
+        tower.register_parameter('positional_embedding', self.positional_embedding)
+        if isinstance(self.text_projection, nn.Parameter):
+            tower.register_parameter('text_projection', self.text_projection)
+        return tower
 
     def encode_text_tokens(self, text: torch.Tensor):
         """-> (pooled projected features [N, E], all context tokens after ln_final [N, L, W])."""
@@ -227,6 +279,15 @@ class RankAdapterCustomTextCLIP(RankAdapterMixin, CustomTextCLIP):
         super().__init__(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
         self.text.output_tokens = True
         self._init_rank_adapter(embed_dim, vision_cfg, adapter_cfg, quick_gelu, cast_dtype)
+
+    def _text_transformer(self) -> nn.Module:
+        return self.text.transformer
+
+    def _lock_text_strictly(self, unlocked_layers: int):
+        self.text.lock(unlocked_layers, freeze_layer_norm=True)
+
+    def _text_tower_module(self) -> nn.Module:
+        return self.text
 
     def encode_text(self, text, normalize: bool = False):
         features, _ = self.text(text)

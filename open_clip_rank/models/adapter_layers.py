@@ -48,21 +48,41 @@ class AdapterCfg:
         return out
 
     def validate(self):
-        supported = {
-            'cross_attn_method': ('cross-qkv',),
-            'adapter_attention_pooler': ('rank-attn',),
-        }
-        for key, allowed in supported.items():
-            value = getattr(self, key)
-            if value not in allowed:
-                raise ValueError(f"adapter_cfg.{key}={value!r} is not supported; use one of {list(allowed)}.")
-        for key in ('d_model', 'n_reg_tokens', 'num_layers'):
+        if self.cross_attn_method != 'cross-qkv':
+            raise ValueError(
+                f"adapter_cfg.cross_attn_method={self.cross_attn_method!r} cannot run in the original code either (its "
+                f"constructor raises NotImplementedError for anything but 'cross-qkv', and its Identity fusion is "
+                f"called with two inputs); use 'cross-qkv'.")
+        if self.adapter_attention_pooler in ('softmax', 'sigmoid'):
+            raise ValueError(
+                f"adapter_cfg.adapter_attention_pooler={self.adapter_attention_pooler!r} cannot run in the original code "
+                f"either: its AttentionalPooler(use_distributed_attn, distributed_attn_ops) is not in the released "
+                f"repository, and that branch gives the pair head one feature per image ([N, 1], not [N*N, 1] pairs); "
+                f"use 'rank-attn' or 'null'.")
+        if self.adapter_attention_pooler not in POOLERS:
+            raise ValueError(f"adapter_cfg.adapter_attention_pooler={self.adapter_attention_pooler!r} is not supported; "
+                             f"use one of {list(POOLERS)}.")
+        if self.reg_token_method not in ('cross-attn-sum', 'null'):
+            raise ValueError(f"adapter_cfg.reg_token_method={self.reg_token_method!r}: use 'cross-attn-sum' or 'null'.")
+        for key in ('d_model', 'num_layers'):
             if getattr(self, key) <= 0:
                 raise ValueError(f"adapter_cfg.{key} must be positive, got {getattr(self, key)}.")
+        if self.n_reg_tokens < 0:
+            raise ValueError(f"adapter_cfg.n_reg_tokens must be >= 0, got {self.n_reg_tokens}.")
+        if self.n_reg_tokens == 0 and self.adapter_attention_pooler == 'rank-attn':
+            raise ValueError(
+                "adapter_cfg.n_reg_tokens=0 leaves the 'rank-attn' pooler without queries (the original code then "
+                "fails on its missing reg_tokens); with 0 tokens the original pools by averaging: set "
+                "adapter_attention_pooler to 'null'.")
         for key in ('n_head', 'fusion_heads', 'pair_heads'):
             if self.d_model % getattr(self, key):
                 raise ValueError(
                     f"adapter_cfg.d_model={self.d_model} is not divisible by {key}={getattr(self, key)}.")
+
+
+# 'rank-attn': the paper's rank-aware attention over image pairs; 'null' (the paper's ablation): the pair head
+# reads the difference of the two images' token means.
+POOLERS = ('rank-attn', 'null')
 
 
 def adapter_layers(quick_gelu: bool, cast_dtype: Optional[torch.dtype]):
@@ -211,8 +231,13 @@ class RankAdapter(nn.Module):
             layer = nn.TransformerEncoderLayer(
                 d_model=d, nhead=cfg.n_head, dim_feedforward=d, dropout=0.1, batch_first=True)
             self.post_fuse_block = nn.TransformerEncoder(layer, num_layers=cfg.num_layers, enable_nested_tensor=False)
-        self.reg_tokens = nn.Parameter(d ** -0.5 * torch.randn(cfg.n_reg_tokens, d))
-        self.reg_token_pooler = RankAwarePairAttention(d, cfg.pair_heads, norm_layer)
+        self.pooler = cfg.adapter_attention_pooler
+        if self.pooler == 'rank-attn':
+            self.reg_tokens = nn.Parameter(d ** -0.5 * torch.randn(cfg.n_reg_tokens, d))
+            self.reg_token_pooler = RankAwarePairAttention(d, cfg.pair_heads, norm_layer)
+        else:  # 'null': no queries, no attention parameters (as the original's state dict)
+            self.reg_tokens = None
+            self.reg_token_pooler = nn.Identity()
         self.pair_regressor = PairHeadMLP(d, norm_layer)
         self.reg_ln = norm_layer(d)
         self.regressor = ScoreMLP(d, norm_layer)
@@ -238,11 +263,17 @@ class RankAdapter(nn.Module):
         return self.pair_logits_between(summaries, summaries)
 
     def pair_summaries(self, fused: torch.Tensor):
-        """Per-image (o, L) statistics of the pair head (see ``RankAwarePairAttention``)."""
+        """Per-image statistics of the pair head: (o, L) of ``RankAwarePairAttention``, or for the 'null' pooler the
+        token mean m (the original's mean over tokens of x_i - x_j is m_i - m_j)."""
+        if self.pooler == 'null':
+            return (fused.mean(dim=1),)
         return self.reg_token_pooler.per_image_summaries(self.reg_tokens.to(fused.dtype), fused)
 
     def pair_logits_between(self, summaries_i, summaries_j) -> torch.Tensor:
         """[I, J] logits for every pair of two sets of summaries: a block of ``pair_logits``."""
+        if self.pooler == 'null':
+            (mean_i,), (mean_j,) = summaries_i, summaries_j
+            return self.pair_regressor(mean_i.unsqueeze(1) - mean_j.unsqueeze(0)).squeeze(-1)
         (values_i, log_norm_i), (values_j, log_norm_j) = summaries_i, summaries_j
         pair = self.reg_token_pooler.pair_features(values_i, log_norm_i, values_j, log_norm_j, self.reg_tokens.shape[0])
         return self.pair_regressor(pair).squeeze(-1)
