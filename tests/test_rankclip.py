@@ -209,3 +209,11 @@ def test_bad_rankclip_flags_are_one_line_usage_errors(overrides, message, capsys
         _args(**overrides)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_inmodal_augmentation_is_not_offered(capsys):
+    """The original's --inmodal mode is not implemented (README): its flag is an unknown argument, no stub."""
+    with pytest.raises(SystemExit) as info:
+        _args(**{'rankclip-inmodal-augment': True})
+    assert info.value.code == 2
+    assert 'unrecognized arguments: --rankclip-inmodal-augment' in capsys.readouterr().err
