@@ -149,7 +149,7 @@ def _patch_train_one_epoch(module):
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         start_epoch = getattr(loss, 'start_epoch', None)
         if callable(start_epoch):
-            steps = data['train'].dataloader.num_batches // args.accum_freq
+            steps = getattr(data['train'].dataloader, 'num_batches', 0) // args.accum_freq
             start_epoch(epoch, args, tb_writer=tb_writer, step=steps * epoch)
         return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                         tb_writer=tb_writer)
