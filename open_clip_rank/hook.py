@@ -13,7 +13,7 @@ Patched:
 * ``open_clip.create_loss``: the plugin's losses (``--loss-opt``, or a rank family's default);
 * OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
-  when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (rank sample types),
+  when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (the families' sample types),
   ``evaluate`` (ranking metrics for rank validation data), ``train_one_epoch`` (tells a loss with
   ``start_epoch`` the epoch: RankCLIP's ramp), ``init_distributed_device`` (CPU DDP), and
   ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in ``compat``).
@@ -170,12 +170,13 @@ def _parse_args(original):
 
 def _get_data(original):
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
-        if getattr(args, 'csv_dataset_sample_type', 'default') != 'rank':
+        sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
+        if sample_type == 'default':
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         from .data import RankDataError
-        from .data.loaders import get_rank_data
+        from .data.loaders import SAMPLE_TYPE_DATA
         try:
-            data = get_rank_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            data = SAMPLE_TYPE_DATA[sample_type](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         except RankDataError as err:  # one clear line, before any training starts
             _logger.error(str(err))
             raise SystemExit(f"open_clip_rank: error: {err}")

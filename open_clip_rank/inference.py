@@ -63,10 +63,12 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     device = torch.device(device) if device is not None else default_device()
     net, _, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=checkpoint_path, precision=precision, device=device)
-    if family_for_model(net) is None:
+    family = family_for_model(net)
+    if family is None:
         keys = [f.config_key for f in FAMILIES.values()]
         raise ValueError(f"model {name} is not a rank model (its config has none of {keys}).")
-    _, transform = rank_transforms(preprocess_val)
+    # the family's evaluation preprocessing, as in training
+    transform = rank_transforms(preprocess_val)[1] if family.square_resize else preprocess_val
     return net.eval(), transform, open_clip.get_tokenizer(name)
 
 
@@ -193,6 +195,65 @@ def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, 
     # mean over j != i of (P(i > j) + 1 - P(j > i)) / 2; the diagonal terms cancel
     scores[kept_all] = ((row_sums - col_sums + n - 1) / (2 * max(n - 1, 1))).cpu()
     return scores, skipped
+
+
+@torch.inference_mode()
+def predict_images(model, images: Sequence[ImageLike], transform, prompt: Optional[str] = None, tokenizer=None,
+                   batch_size: int = 64, device=None, progress: bool = False):
+    """Every per-image prediction the model's family makes (``rank_predictions``), under one prompt, or none
+    for models whose prompts are learned (``needs_prompt`` False, e.g. ordinal models).
+
+    -> ({name: tensor [N] or [N, ...]} with NaN rows for unreadable images, skipped). Ordinal models give
+    ``score`` (= ``expected_rank``), ``expected_rank``, ``predicted_rank`` and ``probs`` [N, R].
+    """
+    if model.needs_prompt and (prompt is None or tokenizer is None):
+        raise ValueError(f"{model.family_name} models rank by an instruction: give a prompt (and the tokenizer).")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompt_state = model.encode_prompts(tokenizer([prompt]).to(device) if model.needs_prompt else None)
+    outputs, skipped = {}, []
+    for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'predicting'):
+        skipped += bad
+        if batch is None:
+            continue
+        predictions = model.rank_predictions(model.encode_image_tokens(batch.to(device)), prompt_state)
+        for name, value in predictions.items():
+            if name not in outputs:
+                outputs[name] = torch.full((len(images), *value.shape[1:]), float('nan'))
+            outputs[name][kept] = value.float().cpu()
+    return outputs, skipped
+
+
+def export_prototypes(model, path) -> torch.Tensor:
+    """Write an ordinal model's learned rank prototypes [R, D] to a small file (atomically): with them
+    (``load_prototypes``) inference runs the image tower only."""
+    prototypes = model.rank_prototypes()
+    if prototypes is None:
+        raise ValueError(f"{model.family_name} models have no rank prototypes to export.")
+    payload = {'prototypes': prototypes.detach().float().cpu(), 'family': model.family_name,
+               'num_ranks': int(prototypes.shape[0])}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return payload['prototypes']
+
+
+def load_prototypes(model, path) -> torch.Tensor:
+    """Freeze ``model``'s prototypes to those exported in ``path`` (one clear error when they do not fit)."""
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=True)
+        prototypes = payload['prototypes']
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prototype file {path} does not exist.")
+    except Exception as err:
+        raise ValueError(f"{path} is not a prototype file written by export_prototypes ({type(err).__name__}: {err}).")
+    if not hasattr(model, 'freeze_prototypes'):
+        raise ValueError(f"{model.family_name} models do not use rank prototypes.")
+    try:
+        return model.freeze_prototypes(prototypes)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}")
 
 
 def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:

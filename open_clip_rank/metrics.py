@@ -270,3 +270,34 @@ def format_metrics_table(metrics: dict) -> str:
             cells.append(f'  {"-":>{width}}' if value is None else f'  {float(value):>{width}.3f}')
         lines.append(name.ljust(name_width) + ''.join(cells))
     return '\n'.join(lines)
+
+
+# --- ordinal regression (OrdinalCLIP) ----------------------------------------------------------------
+
+def ordinal_metrics(expected, argmax, labels) -> dict:
+    """MAE and accuracy of the predicted rank by expectation (rounded for accuracy) and by argmax, as the
+    official runner's ``mae_{exp,max}`` / ``acc_{exp,max}``."""
+    expected, argmax, labels = (_as_array(v) for v in (expected, argmax, labels))
+    _check_lengths(expected=expected, argmax=argmax, labels=labels)
+    if len(labels) == 0:
+        return {}
+    return {
+        'mae_exp': float(np.mean(np.abs(expected - labels))),
+        'acc_exp': float(np.mean(np.round(expected) == labels)),
+        'mae_max': float(np.mean(np.abs(argmax - labels))),
+        'acc_max': float(np.mean(argmax == labels)),
+    }
+
+
+def prototype_ordinality(prototypes) -> float:
+    """Share of ordered neighbours among the prototypes' similarities, as the official ``vis_ordinality``
+    (full span): over rows i and columns j >= i (j < R-1), how often sim(i, j) > sim(i, j+1), i.e. a
+    prototype is more similar to nearer ranks. 1.0: perfectly ordinal; ~0.5: no order."""
+    p = np.asarray(prototypes, dtype=np.float64)
+    p = p / np.linalg.norm(p, axis=1, keepdims=True)
+    sim = p @ p.T
+    if len(sim) < 2:
+        return float('nan')
+    closer = sim[:-1, :-1] > sim[:-1, 1:]  # entry (i, j): sim(i, j) > sim(i, j + 1)
+    upper = np.triu(np.ones_like(closer, dtype=bool))
+    return float(closer[upper].mean())

@@ -8,7 +8,7 @@ merges the two namespaces. ``--help`` prints OpenCLIP's help followed by the plu
 import argparse
 import sys
 
-from .losses import DEFAULT_COMPONENTS, LOSS_COMPONENTS, LOSSES, TARGET_LOSSES
+from .losses import DEFAULT_COMPONENTS, LOSS_COMPONENTS, LOSS_SAMPLE_TYPES, LOSSES, resolved_loss_name
 from .registry import FAMILIES
 
 
@@ -20,12 +20,14 @@ def sample_types():
 def add_plugin_args(parser: argparse.ArgumentParser):
     """Flags of open_clip_rank, in OpenCLIP's style (dashes; defaults as the original code)."""
     group = parser.add_argument_group(
-        'open_clip_rank', 'Text-driven image ranking (ranking-aware adapter models: any *-adapter model config).')
+        'open_clip_rank', 'Text-driven image ranking: ranking-aware adapter models (any *-adapter config) and '
+                          'OrdinalCLIP models (any *-ordinal config).')
     group.add_argument(
         '--loss-opt', choices=tuple(LOSSES), default=None,
         help="Ranking loss: 'dual-head' orders pairs with the adapter's pair head, 'single-head' with score "
-             "differences. Default: the model family's loss for rank models (single-head for adapter models, "
-             "as the original), OpenCLIP's loss otherwise.")
+             "differences; 'ordinal' is OrdinalCLIP's CE + KL over rank logits. Default: the model family's loss "
+             "for rank models (single-head for adapter models, as the original; ordinal for ordinal models), "
+             "OpenCLIP's loss otherwise.")
     group.add_argument(
         '--loss-components', nargs='+', choices=LOSS_COMPONENTS, default=list(DEFAULT_COMPONENTS),
         help="Parts of the ranking loss: pairwise 'rank' BCE, 'regression' log(1 + smoothL1), 'bce' on target != 0.")
@@ -36,9 +38,17 @@ def add_plugin_args(parser: argparse.ArgumentParser):
         '--pair-loss-ignore-ties', action='store_true', default=False,
         help='Leave pairs with equal targets (and the diagonal) out of the pair loss. Default: as the original, '
              'they count with label 0.')
+    group.add_argument('--ordinal-ce-weight', type=float, default=1.0, help='Weight of the ordinal cross-entropy.')
+    group.add_argument('--ordinal-kl-weight', type=float, default=1.0,
+                       help='Weight of the ordinal batch KL term (0 switches it off).')
     group.add_argument(
         '--csv-dataset-sample-type', choices=sample_types(), default='default',
-        help="'rank': batches of one category (instruction) each, with targets, for ranking models.")
+        help="'rank': batches of one category (instruction) each, with targets, for adapter models; 'ordinal': "
+             "shuffled batches of images with integer rank labels (a CSV with a --csv-value-key column, or an "
+             "official list file 'path label [label ...]'), for *-ordinal models.")
+    group.add_argument('--image-root', type=str, default=None,
+                       help='Folder that relative image paths of ordinal data resolve against (the official '
+                            'images_root). Default: the current directory.')
     group.add_argument(
         '--negative-ratio', type=float, default=0.2,
         help='Share of each rank batch drawn from other categories, captioned with the batch category, target 0.')
@@ -104,9 +114,18 @@ def validate_plugin_args(args):
         # A rank model uses the same parameters every step (e.g. never the pair head with single-head
         # loss): DDP's static graph handles such unused parameters without find_unused_parameters.
         args.ddp_static_graph = True
-    if args.loss_opt in TARGET_LOSSES and args.train_data and args.csv_dataset_sample_type != 'rank':
-        raise ValueError(f"--loss-opt {args.loss_opt} trains on targets: add --dataset-type csv "
-                         f"--csv-dataset-sample-type rank (CSV with a '{args.csv_value_key}' column).")
+    if args.csv_dataset_sample_type == 'ordinal':
+        if args.dataset_type not in ('csv', 'auto'):
+            raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv, got {args.dataset_type}.")
+        if args.ordinal_ce_weight < 0 or args.ordinal_kl_weight < 0 or \
+                args.ordinal_ce_weight + args.ordinal_kl_weight == 0:
+            raise ValueError("--ordinal-ce-weight and --ordinal-kl-weight must be >= 0, not both 0.")
+    loss = resolved_loss_name(args)
+    needed = LOSS_SAMPLE_TYPES.get(loss)
+    if needed and args.train_data and args.csv_dataset_sample_type != needed:
+        given = f"--loss-opt {loss}" if args.loss_opt else f"--model {args.model} (default loss {loss})"
+        raise ValueError(f"{given} trains on targets: add --dataset-type csv "
+                         f"--csv-dataset-sample-type {needed} (CSV with a '{args.csv_value_key}' column).")
     validate_rankclip_args(args)
     return args
 

@@ -5,6 +5,10 @@ Two inputs:
   own row's instruction; with a value column, per-category and mean metrics are written too;
 * ``--images FOLDER --prompt "Rank the numbers of cat." [--prompt ...]``: every image under each prompt.
 
+Ordinal models (``*-ordinal``) need no prompt (their rank prompts are learned): ``--images FOLDER`` or a
+CSV / official list file (filepath[, value] or ``path label``); each image gets its expected and argmax
+rank, MAE / accuracy when labels are present, optionally class probabilities and pictures.
+
 Writes ``<output>.csv`` (image, prompt, score, rank[, category, target]), ``<output>.json`` with the
 metrics when ground truth is present, and optionally a contact sheet PNG per run.
 """
@@ -44,6 +48,17 @@ def build_parser():
                      help='Also rank each prompt\'s set with the pair head (mean pairwise win probability).')
     out.add_argument('--contact-sheet', type=str, default=None, help='PNG of the ranked images per prompt.')
     out.add_argument('--sheet-max-images', type=int, default=40, help='Thumbnails per prompt in the contact sheet.')
+    ordinal = p.add_argument_group('ordinal models')
+    ordinal.add_argument('--probabilities', action='store_true', help='Write each image\'s rank probabilities '
+                         'to the JSON output.')
+    ordinal.add_argument('--plots', type=str, default=None, help='Folder for the prototype similarity picture '
+                         '(and predicted-vs-true, with labels).')
+    ordinal.add_argument('--prototypes', type=str, default=None,
+                         help='Exported prototype file: rank with these (image tower only).')
+    ordinal.add_argument('--export-prototypes', type=str, default=None,
+                         help='Write the model\'s rank prototypes to this file (for --prototypes).')
+    ordinal.add_argument('--image-root', type=str, default=None,
+                         help='Folder that relative image paths of an ordinal CSV / list file resolve against.')
     out.add_argument('--batch-size', type=int, default=64)
     out.add_argument('--csv-separator', type=str, default='\t')
     out.add_argument('--csv-img-key', type=str, default='filepath')
@@ -118,9 +133,34 @@ def score(args, model, transform, tokenizer):
     return rows, skipped
 
 
+def score_learned_prompts(args, model, transform):
+    """Models without instructions (ordinal): every prediction per image. -> (rows, skipped, extras)."""
+    from .data.ordinal import load_ordinal_table
+    from .inference import predict_images
+    if args.csv:
+        table = load_ordinal_table(args.csv, model.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
+                                   sep=args.csv_separator, image_root=args.image_root, check_files=False,
+                                   require_labels=False)
+        images, targets = table.paths, table.eval_labels() or [None] * len(table)
+    else:
+        images = find_images(args.images)
+        targets = [None] * len(images)
+    outputs, skipped = predict_images(model, images, transform, batch_size=args.batch_size,
+                                      progress=not args.no_progress)
+    rows = [{'image': image, 'prompt': '', 'category': '', 'target': target} for image, target in zip(images, targets)]
+    for name, values in outputs.items():
+        if values.ndim == 1:
+            for r, v in zip(rows, values.tolist()):
+                r[name] = v
+    probs = outputs.get('probs') if args.probabilities else None
+    extras = {'probabilities': [{'image': r['image'], 'probs': p} for r, p in zip(rows, probs.tolist())]} \
+        if probs is not None else {}
+    return rows, [(images[i], why) for i, why in skipped], extras
+
+
 def write_results(rows, path, pairwise):
     columns = ['image', 'prompt', 'score', 'rank'] + (['pairwise_score', 'pairwise_rank'] if pairwise else []) \
-        + ['category', 'target']
+        + [c for c in ('expected_rank', 'predicted_rank') if rows and c in rows[0]] + ['category', 'target']
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns, delimiter=',', extrasaction='ignore')
         writer.writeheader()
@@ -140,18 +180,50 @@ def compute_metrics(rows, round_scores=False, key='score'):
     return ranking_metrics(preds, np.array([r['target'] for r in usable]), [r['category'] for r in usable])
 
 
+def ordinal_report(args, model, rows, extras):
+    """Metrics (MAE / accuracy by expectation and argmax) when labels are present, pictures, exported prototypes."""
+    from .inference import export_prototypes
+    from .metrics import ordinal_metrics, prototype_ordinality
+    report = dict(extras)
+    prototypes = model.rank_prototypes().float().cpu().numpy()
+    report['ordinality'] = prototype_ordinality(prototypes)
+    labelled = [r for r in rows if r['target'] is not None and r.get('expected_rank') == r.get('expected_rank')]
+    if labelled:
+        report['metrics'] = ordinal_metrics([r['expected_rank'] for r in labelled],
+                                            [r['predicted_rank'] for r in labelled], [r['target'] for r in labelled])
+        print('\n'.join(f"{name:>8}: {value:.4f}" for name, value in report['metrics'].items()))
+    if args.plots:
+        from .plots import confusion_png, prototype_similarity_png
+        prototype_similarity_png(prototypes, Path(args.plots) / 'prototype_similarity.png', report['ordinality'])
+        if labelled:
+            confusion_png([r['target'] for r in labelled], [r['predicted_rank'] for r in labelled], model.num_ranks,
+                          Path(args.plots) / 'predicted_vs_true.png')
+    if args.export_prototypes:
+        export_prototypes(model, args.export_prototypes)
+        _logger.info(f"Prototypes: {args.export_prototypes}")
+    return report
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
+    extras = None
     try:
         if bool(args.csv) == bool(args.images):
             raise ValueError("give exactly one input: --data-to-inference/--csv CSV or --images FOLDER.")
-        if args.images and not args.prompt:
-            raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
-        from .inference import load_rank_model
+        from .inference import load_prototypes, load_rank_model
         model, transform, tokenizer = load_rank_model(args.model, args.config_path, args.checkpoint_path,
                                                       device=args.device, precision=args.precision)
-        rows, skipped = score(args, model, transform, tokenizer)
+        if args.prototypes:
+            load_prototypes(model, args.prototypes)
+        if not model.needs_prompt:
+            if args.pairwise:
+                raise ValueError(f"{model.family_name} models have no pair head; rank without --pairwise.")
+            rows, skipped, extras = score_learned_prompts(args, model, transform)
+        else:
+            if args.images and not args.prompt:
+                raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
+            rows, skipped = score(args, model, transform, tokenizer)
     except (ValueError, FileNotFoundError) as err:
         print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
         return 2
@@ -163,7 +235,9 @@ def main(argv=None):
     write_results(rows, output.with_suffix('.csv'), args.pairwise)
     report = {'num_images': len({r['image'] for r in rows}), 'num_prompts': len({r['prompt'] for r in rows}),
               'skipped': [{'image': image, 'reason': why} for image, why in skipped]}
-    metrics = compute_metrics(rows, args.round)
+    metrics = compute_metrics(rows, args.round) if extras is None else None
+    if extras is not None:
+        report.update(ordinal_report(args, model, rows, extras))
     if metrics is not None:
         report['metrics'] = metrics
         if args.pairwise:

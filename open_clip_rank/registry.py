@@ -15,6 +15,7 @@ from typing import Dict, Mapping, Optional, Tuple
 BASE_MODEL_ALIASES = {
     'convnext_base_w_224': 'convnext_base_w',  # same towers as convnext_base_w, 224 px
     'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
+    'vgg16-RN50': 'RN50',  # OrdinalCLIP's MORPH setup: CLIP RN50's text tower (the image tower comes from timm)
 }
 # Extra model-config folders (os.pathsep-separated) registered with OpenCLIP, e.g. for your own configs.
 EXTRA_CONFIGS_ENV = 'OPEN_CLIP_RANK_MODEL_CONFIGS'
@@ -30,6 +31,8 @@ class RankFamily:
     custom_text_class: str  # ... and ``CustomTextCLIP``
     default_loss: str  # --loss-opt when none is given
     sample_types: Tuple[str, ...]  # --csv-dataset-sample-type values this family trains on
+    # images resized to the square input without cropping (the adapter's data), else OpenCLIP's preprocessing
+    square_resize: bool = True
     base_aliases: Mapping[str, str] = field(default_factory=lambda: BASE_MODEL_ALIASES)
 
     def model_class(self, custom_text: bool):
@@ -53,6 +56,13 @@ register_family(RankFamily(
     clip_class='RankAdapterCLIP', custom_text_class='RankAdapterCustomTextCLIP',
     default_loss='single-head',  # as the original training code
     sample_types=('rank',),
+))
+
+register_family(RankFamily(
+    name='ordinal', config_key='ordinal_cfg', suffix='-ordinal', model_module='open_clip_rank.models.ordinal',
+    clip_class='OrdinalCLIP', custom_text_class='OrdinalCustomTextCLIP',
+    default_loss='ordinal',  # CE + KL, as the official runner
+    sample_types=('ordinal',), square_resize=False,
 ))
 
 

@@ -1,4 +1,4 @@
-"""Every shipped config is an official *-adapter config that builds (on the meta device)."""
+"""Every shipped config builds (on the meta device): the official *-adapter configs and the *-ordinal ones."""
 import json
 
 import pytest
@@ -19,9 +19,12 @@ def expected_adapter_params(cfg):
     return cfg['num_learnable_text_tokens'] + layers * per_layer + 9 * d * d + 30 * d + cfg['n_reg_tokens'] * d + 2
 
 
+ORDINAL_NAMES = sorted(f'{base}-ordinal' for base in ('RN50', 'ViT-B-32', 'ViT-B-16', 'convnext_base_w', 'vgg16-RN50'))
+
+
 def test_all_official_configs_are_shipped_and_listed():
-    assert plugin_config_names() == OFFICIAL_NAMES
-    assert set(OFFICIAL_NAMES) <= set(open_clip.list_models())
+    assert plugin_config_names() == sorted(OFFICIAL_NAMES + ORDINAL_NAMES)
+    assert set(OFFICIAL_NAMES + ORDINAL_NAMES) <= set(open_clip.list_models())
 
 
 @pytest.mark.parametrize('name', OFFICIAL_NAMES)

@@ -1,7 +1,7 @@
-"""Rank data as OpenCLIP's ``get_data`` returns it: ``{'train': DataInfo, 'val': RankDataInfo}``.
+"""The families' data as OpenCLIP's ``get_data`` returns it: ``{'train': DataInfo, 'val': RankDataInfo}``.
 
-Used by the training hook for ``--csv-dataset-sample-type rank``; this is the one data module that
-imports ``open_clip_train`` (for its ``DataInfo`` / ``SharedEpoch``).
+Used by the training hook for the families' ``--csv-dataset-sample-type`` values (``SAMPLE_TYPE_DATA``);
+this is the one data module that imports ``open_clip_train`` (for its ``DataInfo`` / ``SharedEpoch``).
 """
 import functools
 import logging
@@ -9,13 +9,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from open_clip_train.data import DataInfo, SharedEpoch
 
 from ..losses import PAIR_HEAD_LOSSES, resolved_loss_name
 from ..registry import family_for_model_name
+from ..compat import read_model_config
 from .dataset import RankDataset, collate_rank_batch
+from .ordinal import OrdinalDataset, collate_ordinal_batch, load_ordinal_table
 from .sampler import RankBatchSampler
 from .table import RankDataError, RankTable, load_rank_table
 from .transforms import rank_transforms
@@ -25,8 +28,9 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class RankDataInfo(DataInfo):
-    """Validation data that OpenCLIP's ``evaluate`` hands to the plugin's ranking evaluation."""
-    table: Optional[RankTable] = None
+    """Validation data that OpenCLIP's ``evaluate`` hands to the plugin's evaluation of its sample type."""
+    table: Optional[object] = None  # RankTable / OrdinalTable
+    sample_type: str = 'rank'
 
 
 def _table_for(args, path, is_train):
@@ -47,7 +51,8 @@ def check_model_trains_on(args, sample_type: str):
     if family is None or sample_type not in family.sample_types:
         raise RankDataError(
             f"--csv-dataset-sample-type {sample_type} trains ranking models, but --model {args.model} is not one "
-            f"(its config has no rank-family key); use a *-adapter model (open_clip.list_models()).")
+            f"(its config has no key of a family training on it); use a "
+            f"{'*-ordinal' if sample_type == 'ordinal' else '*-adapter'} model (open_clip.list_models()).")
 
 
 def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
@@ -80,3 +85,56 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
         loader.num_samples = len(table)
         data['val'] = RankDataInfo(loader, table=table)
     return data
+
+
+def _num_ranks(args) -> int:
+    from ..models.ordinal_prompts import OrdinalCfg
+    cfg = (read_model_config(args.model) or {}).get('ordinal_cfg') or {}
+    return int(cfg.get('num_ranks', OrdinalCfg.num_ranks))
+
+
+def _ordinal_table(args, path, num_ranks):
+    return load_ordinal_table(path, num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
+                              sep=args.csv_separator, image_root=args.image_root)
+
+
+def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
+    """Shuffled ordinary batches of (image, label) for ``--csv-dataset-sample-type ordinal``, distributed-aware
+    (each process its own shard, reshuffled per epoch); sequential, unsharded validation."""
+    check_model_trains_on(args, 'ordinal')
+    num_ranks = _num_ranks(args)
+    train_transform, val_transform = preprocess_fns
+    data = {}
+    if args.train_data:
+        table = _ordinal_table(args, args.train_data, num_ranks)
+        global_batch = args.batch_size * args.world_size
+        if len(table) < global_batch:
+            raise RankDataError(f"{args.train_data} has {len(table)} images, fewer than one batch of {global_batch} "
+                                f"(--batch-size x processes); lower --batch-size or add data.")
+        dataset = OrdinalDataset(table, train_transform, train=True)
+        if args.distributed:
+            sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=args.workers, collate_fn=collate_ordinal_batch,
+                            pin_memory=torch.cuda.is_available())
+        loader.num_batches = len(loader)
+        loader.num_samples = len(loader) * global_batch
+        data['train'] = DataInfo(loader, sampler=sampler if args.distributed else None,
+                                 shared_epoch=SharedEpoch(epoch))
+        _logger.info(f"Ordinal training data: {len(table)} images, {num_ranks} ranks, {len(loader)} batches of "
+                     f"{args.batch_size} per process per epoch.")
+    if args.val_data:
+        table = _ordinal_table(args, args.val_data, num_ranks)
+        dataset = OrdinalDataset(table, val_transform, train=False)
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                            collate_fn=collate_ordinal_batch)
+        loader.num_batches = len(loader)
+        loader.num_samples = len(table)
+        data['val'] = RankDataInfo(loader, table=table, sample_type='ordinal')
+    return data
+
+
+# --csv-dataset-sample-type -> its get_data
+SAMPLE_TYPE_DATA = {'rank': get_rank_data, 'ordinal': get_ordinal_data}

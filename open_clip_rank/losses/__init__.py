@@ -10,6 +10,7 @@ epoch before each ``train_one_epoch`` (``hook.py``); RankCLIP's rank-loss ramp u
 """
 from typing import Callable, Dict
 
+from .ordinal import OrdinalLoss
 from .rankclip import RankCLIPLoss, build_rankclip_loss
 from .ranking import DEFAULT_COMPONENTS, DEFAULT_WEIGHTS, LOSS_COMPONENTS, RankingLoss
 
@@ -23,13 +24,19 @@ def _pairwise_ranking_loss(head: str) -> Callable:
     return build
 
 
+def _ordinal_loss(args):
+    return OrdinalLoss(ce_weight=args.ordinal_ce_weight, kl_weight=args.ordinal_kl_weight)
+
+
 LOSSES: Dict[str, Callable] = {
     'dual-head': _pairwise_ranking_loss('dual'),  # pairs ordered by the adapter's pair head
     'single-head': _pairwise_ranking_loss('single'),  # pairs ordered by score differences
+    'ordinal': _ordinal_loss,  # OrdinalCLIP: CE + batch KL over rank logits
     'rankclip': build_rankclip_loss,  # RankCLIP pretraining of plain CLIP models (losses/rankclip.py)
 }
-# Losses that train on rank targets (need --csv-dataset-sample-type rank data).
-TARGET_LOSSES = ('dual-head', 'single-head')
+# Losses that train on targets, and the --csv-dataset-sample-type whose data carries them.
+LOSS_SAMPLE_TYPES = {'dual-head': 'rank', 'single-head': 'rank', 'ordinal': 'ordinal'}
+TARGET_LOSSES = tuple(LOSS_SAMPLE_TYPES)
 # Losses that need the pair head's logits in each training batch.
 PAIR_HEAD_LOSSES = ('dual-head',)
 

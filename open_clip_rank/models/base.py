@@ -7,6 +7,10 @@ Callers outside a family's own module use only the methods below, never the fami
 * ``encode_prompts(text)`` -> per-prompt state, once per instruction;
 * ``score_tokens(image_tokens, prompts)`` -> [N] scores (prompts: one per image, or one for all);
 * ``rank_scores(image, text)`` -> [N], the three above in one call (no pair head);
+* ``rank_predictions(image_tokens, prompts)`` -> dict with ``score`` [N] plus what the family predicts
+  besides (ordinal: ``expected_rank``, ``predicted_rank``, ``probs``);
+* ``needs_prompt``: False where the text side is learned (ordinal): ``encode_prompts(None)`` then works;
+* ``rank_prototypes()`` -> [R, D] learned rank prototypes, or None for families without them;
 * ``supports_pairwise`` and, where True, ``pair_summaries`` / ``pair_logits_between`` (blockwise pair head).
 
 OpenCLIP's own forward contract holds too: ``model(image=x)`` or ``model(text=t)`` alone returns
@@ -67,6 +71,7 @@ class RankModel:
     # state-dict prefixes a base CLIP checkpoint cannot have: they start fresh when one is loaded
     fresh_state_prefixes: Tuple[str, ...] = ()
     supports_pairwise: bool = False
+    needs_prompt: bool = True
 
     # --- OpenCLIP's forward contract ----------------------------------------------------------------
 
@@ -101,6 +106,16 @@ class RankModel:
 
     def score_tokens(self, image_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def rank_predictions(self, image_tokens: torch.Tensor, prompts: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{'score': [N]}`` plus family-specific per-image predictions."""
+        return {'score': self.score_tokens(image_tokens, prompts)}
+
+    def rank_prototypes(self) -> Optional[torch.Tensor]:
+        return None
+
+    def reset_fresh_parameters(self) -> None:
+        """Called after base CLIP weights load (the family's own parts start fresh; they may depend on them)."""
 
     @torch.no_grad()
     def rank_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,17 @@ def _explain_load_failure(model, checkpoint_path, error: Exception, **load_kwarg
     raise error
 
 
+def _kept_timm_tower_keys(model, missing):
+    """A timm image tower paired with another model's text tower (e.g. vgg16 + CLIP RN50 text, OrdinalCLIP's
+    MORPH setup): base CLIP weights hold none of its keys, so it keeps what timm gave it."""
+    from open_clip.timm_model import TimmModel
+    if not isinstance(getattr(model, 'visual', None), TimmModel):
+        return []
+    tower = [k for k in missing if k.startswith('visual.')]
+    all_tower = [k for k in model.state_dict() if k.startswith('visual.')]
+    return tower if len(tower) == len(all_tower) else []
+
+
 def load_rank_state_dict(model, state_dict, strict: bool = True, assign: bool = False) -> LoadReport:
     """``model.load_state_dict`` of rank models (see the module docstring)."""
     source = _source.get()
@@ -124,11 +135,18 @@ def load_rank_state_dict(model, state_dict, strict: bool = True, assign: bool = 
             parts = [f"{what} keys: {_preview(keys)}" for what, keys in (('missing', missing), ('unexpected', unexpected))
                      if keys]
             raise _refit(source, '; '.join(parts))
-        fresh = []
+        fresh, kept = [], []
     else:
-        _check_base_weights([k for k in expected if not k.startswith(fresh_prefixes)], state_dict, source)
-        fresh = missing
+        kept = _kept_timm_tower_keys(model, missing)
+        _check_base_weights([k for k in expected if not k.startswith(fresh_prefixes) and k not in kept],
+                            state_dict, source)
+        fresh = [k for k in missing if k not in kept]
     nn.Module.load_state_dict(model, state_dict, strict=False, assign=assign)
+    if not full:
+        model.reset_fresh_parameters()
+    if kept:
+        _logger.info(f"Image tower: {len(kept)} weights not in {source} keep their timm initialisation "
+                     f"(timm's pretrained weights when vision_cfg.timm_model_pretrained / --pretrained-image is set).")
     if fresh:
         _logger.info(f"Loaded base weights from {source}; {len(fresh)} parameters start fresh: "
                      f"{_summarise_prefixes(fresh)}.")

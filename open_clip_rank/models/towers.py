@@ -47,3 +47,27 @@ def pooled_image_features(visual, image: torch.Tensor) -> torch.Tensor:
     if features.ndim == 4:
         features = features.mean(dim=(2, 3))
     return features
+
+
+def text_token_embedding(model) -> torch.nn.Embedding:
+    """The token embedding of a ``CLIP`` (on the model) or ``CustomTextCLIP`` with an OpenCLIP text tower."""
+    embedding = getattr(model, 'token_embedding', None)
+    if embedding is None:
+        embedding = getattr(getattr(model, 'text', None), 'token_embedding', None)
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise TypeError(f"{type(model).__name__}'s text tower has no token embedding (e.g. a Hugging Face text "
+                        f"tower); learned prompts need an OpenCLIP TextTransformer text tower.")
+    return embedding
+
+
+def encode_text_embeddings(model, tokens: torch.Tensor, fill) -> torch.Tensor:
+    """The model's own ``encode_text(tokens)``, with ``fill(embedded_tokens)`` replacing the token embeddings.
+
+    The replacement happens in a forward hook on the tower's token embedding, so positional embedding,
+    attention mask, pooling (at ``<eot>`` of ``tokens``) and projection stay exactly the tower's own.
+    """
+    handle = text_token_embedding(model).register_forward_hook(lambda module, args, output: fill(output))
+    try:
+        return model.encode_text(tokens)
+    finally:
+        handle.remove()

@@ -1,0 +1,184 @@
+"""The OrdinalCLIP family: OpenCLIP models whose text side is a set of learned rank prompts.
+
+Any OpenCLIP config with an ``ordinal_cfg`` block (``models/ordinal_prompts.py``) builds
+``OrdinalCLIP`` (from ``CLIP``) or ``OrdinalCustomTextCLIP`` (from ``CustomTextCLIP`` with an OpenCLIP
+text tower). Per forward the R rank prompts pass the text tower once, giving R prototypes p_r; an
+image's logits are s * cos(f(x), p_r) with CLIP's logit scale s (frozen, as the official runner gives
+it learning rate 0), its predicted rank is the expectation sum_r r softmax(logits)_r (and the argmax).
+After training the prototypes can be frozen (``freeze_prototypes``): then only the image tower runs.
+"""
+import logging
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import lock_text_tower
+
+from .base import RankModel, RankOutput
+from .ordinal_prompts import OrdinalCfg, RankPrompts
+from .towers import encode_text_embeddings, text_token_embedding
+
+_logger = logging.getLogger(__name__)
+
+
+class OrdinalTargets(NamedTuple):
+    """The ``texts`` of an ordinal training batch: integer rank labels, moved by OpenCLIP's ``.to()``."""
+    labels: torch.Tensor  # [N] long, in [0, num_ranks)
+
+    def to(self, *args, **kwargs):
+        return OrdinalTargets(self.labels.to(*args, **kwargs))
+
+
+class OrdinalOutput(RankOutput):
+    """Outputs of an ordinal model; ``logits`` (the official name) reads ``ordinal_logits``."""
+    ALIASES = {'logits': lambda out: out['ordinal_logits']}
+
+
+def _tokenizer_for(text_cfg):
+    """The BPE tokenizer the prompts are written in (OpenCLIP's ``SimpleTokenizer``, as CLIP's)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    cfg = text_cfg if isinstance(text_cfg, dict) else vars(text_cfg)
+    if cfg.get('hf_tokenizer_name') or cfg.get('hf_model_name'):
+        raise ValueError(
+            "ordinal_cfg needs a CLIP BPE text tower: this config's text_cfg uses a Hugging Face tokenizer/model "
+            f"({cfg.get('hf_tokenizer_name') or cfg.get('hf_model_name')}); pick a config without hf_* text keys.")
+    return SimpleTokenizer()
+
+
+def expected_ranks(probs: torch.Tensor) -> torch.Tensor:
+    """sum_r r * p_r over rank indices 0..R-1."""
+    values = torch.arange(probs.shape[-1], device=probs.device, dtype=probs.dtype)
+    return probs @ values
+
+
+class OrdinalMixin(RankModel):
+    family_name = 'ordinal'
+    fresh_state_prefixes = ('prompt_learner.',)
+    supports_pairwise = False
+    needs_prompt = False  # the prompts are learned: ranking needs no instruction
+
+    def _init_ordinal(self, embed_dim: int, ordinal_cfg, text_cfg):
+        self.prototype_dim = int(embed_dim)
+        self.ordinal_cfg = OrdinalCfg.from_dict(ordinal_cfg)
+        embedding = text_token_embedding(self)
+        tokenizer = _tokenizer_for(text_cfg)
+        if embedding.num_embeddings < len(tokenizer.encoder):
+            raise ValueError(f"text_cfg.vocab_size={embedding.num_embeddings} is smaller than the CLIP tokenizer's "
+                             f"{len(tokenizer.encoder)} tokens that the rank prompts are written in.")
+        self.prompt_learner = RankPrompts(self.ordinal_cfg, embedding, self.context_length, tokenizer)
+        self.num_ranks = self.ordinal_cfg.num_ranks
+        self.logit_scale.requires_grad_(False)  # frozen, as the official runner (learning rate 0)
+        self.register_buffer('frozen_prototypes', None, persistent=False)
+
+    def reset_fresh_parameters(self):
+        """After base CLIP weights load: initialise word-initialised prompts from the loaded embeddings."""
+        self.prompt_learner.reset_parameters(text_token_embedding(self))
+
+    # --- prototypes -------------------------------------------------------------------------------
+
+    def compute_prototypes(self) -> torch.Tensor:
+        """[R, D] normalised text features of the R rank prompts: one text-tower pass for all ranks."""
+        learner = self.prompt_learner
+        features = encode_text_embeddings(self, learner.pseudo_tokens, learner.fill)
+        return F.normalize(features, dim=-1)
+
+    def prototypes(self) -> torch.Tensor:
+        return self.frozen_prototypes if self.frozen_prototypes is not None else self.compute_prototypes()
+
+    @torch.no_grad()
+    def freeze_prototypes(self, prototypes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fix the prototypes (computed now, or given, e.g. from an exported file): inference then runs the
+        image tower only. ``unfreeze_prototypes`` returns to computing them from the prompts."""
+        if prototypes is None:
+            prototypes = self.compute_prototypes()
+        if tuple(prototypes.shape) != (self.num_ranks, self.prototype_dim):
+            raise ValueError(f"prototypes of shape {tuple(prototypes.shape)} do not fit this model "
+                             f"({self.num_ranks} ranks x {self.prototype_dim} features).")
+        device = self.logit_scale.device
+        self.frozen_prototypes = prototypes.detach().to(device=device, dtype=torch.float32)  # as exported: normalised
+        return self.frozen_prototypes
+
+    def unfreeze_prototypes(self):
+        self.frozen_prototypes = None
+
+    # --- OpenCLIP's forward contract --------------------------------------------------------------
+
+    def forward(self, image: Optional[torch.Tensor] = None, text=None):
+        """``model(image)`` / ``model(image, OrdinalTargets)``: the ordinal outputs (text is not needed: the
+        prompts are learned); ``model(text=tokens)`` alone: OpenCLIP's text features."""
+        if image is None:
+            return super().forward(None, text)
+        return self.rank_forward(image, text)
+
+    def rank_forward(self, image: torch.Tensor, text=None) -> OrdinalOutput:
+        image_features = self.encode_image(image, normalize=True)
+        prototypes = self.prototypes()
+        logit_scale = self.logit_scale.exp()
+        logits = logit_scale * image_features @ prototypes.to(image_features.dtype).T
+        probs = logits.float().softmax(dim=-1)
+        out = OrdinalOutput(
+            ordinal_logits=logits,
+            expected_rank=expected_ranks(probs),
+            predicted_rank=probs.argmax(dim=-1),
+            image_features=image_features,
+            text_features=prototypes,
+            logit_scale=logit_scale,
+        )
+        if isinstance(text, OrdinalTargets):
+            out['targets'] = text.labels
+        return out
+
+    # --- the rank-model protocol ------------------------------------------------------------------
+
+    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """[N, D] normalised image features: all an ordinal model needs per image."""
+        return self.encode_image(image, normalize=True)
+
+    def encode_prompts(self, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The [R, D] rank prototypes (``text`` is ignored: the prompts are learned)."""
+        return self.prototypes()
+
+    def score_tokens(self, image_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        return self.rank_predictions(image_tokens, prompts)['score']
+
+    def rank_predictions(self, image_tokens: torch.Tensor, prompts: torch.Tensor) -> dict:
+        logits = self.logit_scale.exp() * image_tokens @ prompts.to(image_tokens.dtype).T
+        probs = logits.float().softmax(dim=-1)
+        expected = expected_ranks(probs)
+        return {'score': expected, 'expected_rank': expected, 'predicted_rank': probs.argmax(dim=-1),
+                'probs': probs}
+
+    @torch.no_grad()
+    def rank_prototypes(self) -> torch.Tensor:
+        return self.prototypes()
+
+
+class OrdinalCLIP(OrdinalMixin, CLIP):
+    """OpenCLIP ``CLIP`` + OrdinalCLIP rank prompts (prompt learner under ``prompt_learner.*``)."""
+
+    def __init__(self, embed_dim, vision_cfg, text_cfg, ordinal_cfg=None, quick_gelu: bool = False,
+                 cast_dtype: Optional[torch.dtype] = None, **kwargs):
+        ordinal_cfg = OrdinalCfg.from_dict(ordinal_cfg)  # config errors before any tower is built
+        super().__init__(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
+        self._init_ordinal(embed_dim, ordinal_cfg, text_cfg)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+        """``--lock-text`` locks the whole text tower, LayerNorms included (the paper's regime).
+
+        OpenCLIP 3.3's ``CLIP.lock_text_tower`` asserts ``freeze_layer_norm``, which its CLI passes as False
+        unless ``--lock-text-freeze-layer-norm`` is given; the prompt learner stays trainable.
+        """
+        lock_text_tower(self, unlocked_layers)
+
+
+class OrdinalCustomTextCLIP(OrdinalMixin, CustomTextCLIP):
+    """OpenCLIP ``CustomTextCLIP`` (separate ``text`` tower) + OrdinalCLIP rank prompts."""
+
+    def __init__(self, embed_dim, vision_cfg, text_cfg, ordinal_cfg=None, quick_gelu: bool = False,
+                 cast_dtype: Optional[torch.dtype] = None, **kwargs):
+        ordinal_cfg = OrdinalCfg.from_dict(ordinal_cfg)
+        _tokenizer_for(text_cfg)  # HF text towers: one clear error before building anything
+        super().__init__(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype, **kwargs)
+        self._init_ordinal(embed_dim, ordinal_cfg, text_cfg)
