@@ -32,6 +32,9 @@ TRAINING_PATCH_POINTS = {
     'logger': 'setup_logging',  # then torch's internal loggers back to WARNING
     'file_utils': 'pt_load',  # main's resume load: skip unreadable checkpoints under --resume latest
 }
+# open_clip_train.train.train_one_epoch (what main calls each epoch): wrapped to tell epoch-aware losses
+# (RankCLIP's ramp) the epoch before OpenCLIP's loop runs, without changing the loop.
+EPOCH_PATCH_POINT = ('train', 'train_one_epoch')
 # What open_clip_train.main must still call for the patches above (and create_loss) to take effect.
 NAMES_MAIN_MUST_CALL = ('parse_args', 'get_data', 'create_loss', 'evaluate', 'train_one_epoch',
                         'init_distributed_device', 'DistributedDataParallel',
@@ -106,6 +109,14 @@ def training_patch_point(module, version: str):
     """(name, function) of the training module's patch point, or PatchPointMissing."""
     short = module.__name__.rsplit('.', 1)[-1]
     name = TRAINING_PATCH_POINTS[short]
+    if not callable(getattr(module, name, None)):
+        raise missing(f"{module.__name__}.{name}", version)
+    return name
+
+
+def epoch_patch_point(module, version: str) -> str:
+    """The name of the training loop function in ``<package>.train``, or PatchPointMissing."""
+    name = EPOCH_PATCH_POINT[1]
     if not callable(getattr(module, name, None)):
         raise missing(f"{module.__name__}.{name}", version)
     return name

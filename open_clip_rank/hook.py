@@ -14,10 +14,11 @@ Patched:
 * OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
   when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (the families' sample types),
-  ``evaluate`` (ranking metrics for rank validation data), ``init_distributed_device`` (CPU DDP),
-  ``setup_logging`` (torch's internal loggers stay at WARNING), ``pt_load`` (``--resume latest`` skips
-  unreadable checkpoints), and ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed
-  in ``compat``);
+  ``evaluate`` (ranking metrics for rank validation data), ``train_one_epoch`` (tells a loss with
+  ``start_epoch`` the epoch: RankCLIP's ramp), ``init_distributed_device`` (CPU DDP), ``setup_logging``
+  (torch's internal loggers stay at WARNING), ``pt_load`` (``--resume latest`` skips unreadable
+  checkpoints), and ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in
+  ``compat``);
 * ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``preflight``) and makes
   the run's checkpoint writes atomic (``torch.save`` into its checkpoint folder, ``checkpoint_files``).
 """
@@ -54,6 +55,7 @@ def register():
         for module in compat.TRAINING_PATCH_POINTS:
             _bootstrap.when_imported(f'{package}.{module}', _patch_training_module)
         _bootstrap.when_imported(f'{package}.zero_shot', _fix_zero_shot)
+        _bootstrap.when_imported(f'{package}.{compat.EPOCH_PATCH_POINT[0]}', _patch_train_one_epoch)
     _logger.debug('open_clip_rank registered with OpenCLIP')
 
 
@@ -142,6 +144,27 @@ def _patch_training_module(module):
                'init_distributed_device': _init_distributed_device, 'setup_logging': _setup_logging,
                'pt_load': _pt_load}[name](original)
     setattr(module, name, compat.wraps_once(original)(wrapper))
+
+
+def _patch_train_one_epoch(module):
+    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``."""
+    if not _from_openclip_checkout(module):
+        return
+    import open_clip
+    name = compat.epoch_patch_point(module, open_clip.__version__)
+    original = getattr(module, name)
+    if compat.is_patched(original):
+        return
+
+    def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        start_epoch = getattr(loss, 'start_epoch', None)
+        if callable(start_epoch):
+            steps = getattr(data['train'].dataloader, 'num_batches', 0) // args.accum_freq
+            start_epoch(epoch, args, tb_writer=tb_writer, step=steps * epoch)
+        return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                        tb_writer=tb_writer)
+
+    setattr(module, name, compat.wraps_once(original)(train_one_epoch))
 
 
 def _fix_zero_shot(module):

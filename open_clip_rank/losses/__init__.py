@@ -4,10 +4,14 @@ output_dict=True)``), and one factory from the training flags.
 ``LOSSES`` is the whole ``--loss-opt`` vocabulary: name -> builder(args). ``--loss-opt`` not given
 means the model family's default loss (``registry.py``) for rank models and OpenCLIP's own loss
 otherwise; ``create_loss`` returns None to hand loss creation back to OpenCLIP.
+
+A loss with a ``start_epoch(epoch, args, tb_writer=None, step=0)`` method is told OpenCLIP's (0-based)
+epoch before each ``train_one_epoch`` (``hook.py``); RankCLIP's rank-loss ramp uses it.
 """
 from typing import Callable, Dict
 
 from .ordinal import OrdinalLoss
+from .rankclip import RankCLIPLoss, build_rankclip_loss
 from .ranking import DEFAULT_COMPONENTS, DEFAULT_WEIGHTS, LOSS_COMPONENTS, RankingLoss
 
 
@@ -28,6 +32,7 @@ LOSSES: Dict[str, Callable] = {
     'dual-head': _pairwise_ranking_loss('dual'),  # pairs ordered by the adapter's pair head
     'single-head': _pairwise_ranking_loss('single'),  # pairs ordered by score differences
     'ordinal': _ordinal_loss,  # OrdinalCLIP: CE + batch KL over rank logits
+    'rankclip': build_rankclip_loss,  # RankCLIP pretraining of plain CLIP models (losses/rankclip.py)
 }
 # Losses that train on targets, and the --csv-dataset-sample-type whose data carries them.
 LOSS_SAMPLE_TYPES = {'dual-head': 'rank', 'single-head': 'rank', 'ordinal': 'ordinal'}
