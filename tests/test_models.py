@@ -157,8 +157,8 @@ def test_d_model_mismatch_is_named(tmp_path):
 
 def test_unsupported_pooler_is_named(tmp_path):
     name = _write_config(tmp_path, 'bad-pool-adapter',
-                         lambda c: c['adapter_cfg'].update(adapter_attention_pooler='softmax'))
-    with pytest.raises(ValueError, match="adapter_attention_pooler='softmax' is not supported"):
+                         lambda c: c['adapter_cfg'].update(adapter_attention_pooler='mean'))
+    with pytest.raises(ValueError, match="adapter_attention_pooler='mean' is not supported"):
         open_clip.create_model(name)
 
 
