@@ -63,6 +63,13 @@ def add_plugin_args(parser: argparse.ArgumentParser):
         help='Adapter models: --lock-image / --lock-text freeze the whole tower. Default, as the original code: '
              '--lock-text freezes only the text transformer blocks (token/positional embeddings, ln_final and the '
              'projection train) and --lock-image keeps a ViT\'s visual.proj trainable.')
+    group.add_argument(
+        '--rank-global-pairs', action='store_true', default=False,
+        help='Pair losses (dual-head, single-head) form pairs over the global batch of all processes: every '
+             'process gets the same category at each step (its --batch-size slice of one batch of batch-size x '
+             'world-size rows) and the pair summaries, scores and targets are gathered, so the pair loss sees '
+             'N = B x W images (gradients exact; --gather-with-grad gathers with gradient). Default: pairs '
+             'within each process\'s batch, as the original.')
     group.add_argument('--csv-value-key', type=str, default='value', help='CSV column of the ranking target.')
     group.add_argument('--csv-category-key', type=str, default='cname',
                        help='CSV column of the category word that appears in the caption.')
@@ -110,6 +117,21 @@ def validate_rankclip_args(args):
                              f"with {flag}.")
 
 
+def validate_global_pairs_args(args, loss):
+    """``--rank-global-pairs`` works with the pair losses on rank data, one step per batch, torch.distributed."""
+    if not getattr(args, 'rank_global_pairs', False):
+        return
+    if args.csv_dataset_sample_type != 'rank' or loss not in ('dual-head', 'single-head'):
+        raise ValueError(f"--rank-global-pairs forms pairs of the dual-head / single-head loss over all processes: "
+                         f"it needs --csv-dataset-sample-type rank and one of those losses (got "
+                         f"--csv-dataset-sample-type {args.csv_dataset_sample_type}, loss {loss}).")
+    if getattr(args, 'accum_freq', 1) > 1:
+        raise ValueError("--rank-global-pairs does not support --accum-freq > 1 (pairs would have to span the "
+                         "accumulated micro-batches of every process); use --accum-freq 1.")
+    if getattr(args, 'horovod', False):
+        raise ValueError("--rank-global-pairs gathers with torch.distributed; it does not support --horovod.")
+
+
 def plugin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog='open_clip_rank')
     return add_plugin_args(parser)
@@ -141,6 +163,7 @@ def validate_plugin_args(args):
         given = f"--loss-opt {loss}" if args.loss_opt else f"--model {args.model} (default loss {loss})"
         raise ValueError(f"{given} trains on targets: add --dataset-type csv "
                          f"--csv-dataset-sample-type {needed} (CSV with a '{args.csv_value_key}' column).")
+    validate_global_pairs_args(args, loss)
     validate_rankclip_args(args)
     from .models.adapter import set_tower_lock_policy
     set_tower_lock_policy(strict=args.strict_tower_lock)  # read by the adapter models' lock_*_tower

@@ -78,11 +78,11 @@ class RankDataset(Dataset):
         return image, self.tokenize([caption])[0], target, category
 
 
-def collate_rank_batch(samples, with_pairs: bool = True):
+def collate_rank_batch(samples, with_pairs: bool = True, global_pairs: bool = False):
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
     images, tokens, targets, categories = zip(*samples)
     return torch.stack(images), RankTexts(
         torch.stack(tokens), torch.tensor(targets, dtype=torch.float32), torch.tensor(categories, dtype=torch.long),
-        with_pairs)
+        with_pairs, global_pairs)

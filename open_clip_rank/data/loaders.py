@@ -40,8 +40,8 @@ def _table_for(args, path, is_train):
         require_category=is_train, check_category_in_caption=is_train and args.negative_ratio > 0)
 
 
-def _loader(dataset, batch_sampler, args, with_pairs=True):
-    collate = functools.partial(collate_rank_batch, with_pairs=with_pairs)
+def _loader(dataset, batch_sampler, args, with_pairs=True, global_pairs=False):
+    collate = functools.partial(collate_rank_batch, with_pairs=with_pairs, global_pairs=global_pairs)
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available())
 
@@ -68,10 +68,11 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
         table = _table_for(args, args.train_data, is_train=True)
         shared_epoch = SharedEpoch(epoch)
         relevance_max = args.relevance_max_score if getattr(args, 'train_with_relevance_score', False) else 0
+        global_pairs = bool(getattr(args, 'rank_global_pairs', False))
         sampler = RankBatchSampler(table, args.batch_size, args.negative_ratio, seed=args.seed,
                                    rank=args.rank, world_size=args.world_size, shared_epoch=shared_epoch,
-                                   relevance_max=relevance_max)
-        loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args, with_pairs)
+                                   relevance_max=relevance_max, global_pairs=global_pairs)
+        loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args, with_pairs, global_pairs)
         loader.num_batches = len(sampler)
         loader.num_samples = len(sampler) * args.batch_size * args.world_size
         data['train'] = DataInfo(loader, shared_epoch=shared_epoch)

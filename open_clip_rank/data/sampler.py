@@ -30,10 +30,17 @@ class RankBatchSampler:
 
     The global plan of ``len(table) // (batch_size * world_size) * world_size`` batches depends only on
     (seed, epoch); rank r takes batches r, r + world_size, ...
+
+    ``global_pairs`` (``--rank-global-pairs``): the plan is instead ``len(table) // (batch_size * world_size)``
+    global batches of ``batch_size * world_size`` rows, each of ONE category (positives and negatives drawn
+    as above at the global size), and rank r takes rows ``[r * batch_size, (r + 1) * batch_size)`` of each:
+    every rank sees the same category (and reference value) at every step, so pairs can be formed across
+    ranks. With ``world_size`` 1 it is the default plan.
     """
 
     def __init__(self, table: RankTable, batch_size: int, negative_ratio: float = 0.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shared_epoch=None, relevance_max: int = 0):
+                 rank: int = 0, world_size: int = 1, shared_epoch=None, relevance_max: int = 0,
+                 global_pairs: bool = False):
         if batch_size < 2:
             raise RankDataError(f"rank sampling needs --batch-size >= 2 (pairs within a batch), got {batch_size}.")
         self.table = table
@@ -42,6 +49,10 @@ class RankBatchSampler:
         self.num_negatives = batch_size - self.num_positives
         self.relevance_max = relevance_max
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.global_pairs = bool(global_pairs)
+        if self.global_pairs:  # the whole step's batch is drawn at once, then sliced per rank
+            self.num_positives = int(batch_size * world_size * (1 - negative_ratio))
+            self.num_negatives = batch_size * world_size - self.num_positives
         self.shared_epoch = shared_epoch or FixedEpoch(0)
         self.rows = [table.rows_of(c) for c in range(len(table.category_names))]
         self.num_batches = len(table) // (batch_size * world_size)
@@ -76,17 +87,24 @@ class RankBatchSampler:
         """All batches of this rank for ``epoch``, as lists of (row, batch_category) keys."""
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
-        for _ in range(self.num_batches * self.world_size):
+        if self.global_pairs:  # num_batches global batches of batch_size * world_size rows
+            size, count = self.batch_size * self.world_size, self.num_batches
+        else:  # num_batches * world_size batches of batch_size rows
+            size, count = self.batch_size, self.num_batches * self.world_size
+        for _ in range(count):
             category = int(rng.integers(len(self.rows)))
             n_pos = min(self.num_positives, len(self.rows[category]))
             positives = self._positives(rng, category, n_pos)
-            negatives = self._negatives(rng, category, self.batch_size - n_pos)
+            negatives = self._negatives(rng, category, size - n_pos)
             reference = int(rng.integers(self.relevance_max)) if self.relevance_max else -1
             keys = [(int(r), -1) for r in positives] + [(int(r), category) for r in negatives]
             if reference >= 0:
                 keys = [key + (reference,) for key in keys]
             order = rng.permutation(len(keys))
             batches.append([keys[i] for i in order])
+        if self.global_pairs:
+            start = self.rank * self.batch_size
+            return [batch[start:start + self.batch_size] for batch in batches]
         return batches[self.rank::self.world_size]
 
     def __iter__(self):

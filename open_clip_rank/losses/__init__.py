@@ -20,7 +20,10 @@ def _pairwise_ranking_loss(head: str) -> Callable:
         weights = {'rank': args.rank_loss_weight, 'regression': args.regression_loss_weight,
                    'bce': args.bce_loss_weight}
         return RankingLoss(head=head, components=args.loss_components, weights=weights,
-                           ignore_ties=args.pair_loss_ignore_ties, micro_batch_size=args.batch_size)
+                           ignore_ties=args.pair_loss_ignore_ties, micro_batch_size=args.batch_size,
+                           global_pairs=getattr(args, 'rank_global_pairs', False),
+                           gather_with_grad=getattr(args, 'gather_with_grad', False),
+                           rank=getattr(args, 'rank', 0), world_size=getattr(args, 'world_size', 1))
     return build
 
 

@@ -181,19 +181,34 @@ class RankAdapterMixin(RankModel):
         Returns ``rank_scores`` [N] (regression head), ``pair_logits`` [N, N] (entry (i, j) > 0:
         image i ranks above image j; omitted when ``with_pairs=False``), ``targets`` when given,
         ``image_tokens`` (the adapter's image tokens [N, P, D]), ``text_features`` (pooled, projected,
-        not normalised), ``logit_scale`` (and ``logit_bias``) as OpenCLIP models do.
+        not normalised), ``logit_scale`` (and ``logit_bias``) as OpenCLIP models do. A training batch of
+        ``--rank-global-pairs`` (``RankTexts.global_pairs``) returns ``pair_summaries`` (the per-image tuple
+        of ``pair_summaries``) and ``pair_logits_between`` (the pair head, a callable) instead of
+        ``pair_logits``.
         """
+        global_pairs = False
         if isinstance(text, RankTexts):  # a rank batch from open_clip_rank.data carries its targets
             targets = text.targets if targets is None else targets
             with_pairs = with_pairs and text.with_pairs
+            global_pairs = with_pairs and text.global_pairs
             text = text.tokens
         tokens = self.encode_image_tokens(image)
         text_features, text_tokens = self.encode_text_tokens(text)
-        scores, pair_logits = self.adapter(tokens, text_tokens.to(tokens.dtype), with_pairs)
+        if global_pairs:
+            # --rank-global-pairs: per-image pair summaries (o [N, H, Q, d] and L [N, H, Q]; the token mean for
+            # the 'null' pooler) and the pair head, instead of the local [N, N] logits; the loss gathers the
+            # summaries of all processes and forms the pairs (losses/ranking.py).
+            fused = self.adapter.fuse(tokens, text_tokens.to(tokens.dtype))
+            scores, pair_logits = self.adapter.scores(fused), None
+        else:
+            scores, pair_logits = self.adapter(tokens, text_tokens.to(tokens.dtype), with_pairs)
         out = AdapterOutput(rank_scores=scores, image_tokens=tokens, text_features=text_features,
                             logit_scale=self.logit_scale.exp())
         if pair_logits is not None:
             out['pair_logits'] = pair_logits
+        if global_pairs:
+            out['pair_summaries'] = self.adapter.pair_summaries(fused)
+            out['pair_logits_between'] = self.adapter.pair_logits_between
         if targets is not None:
             out['targets'] = targets
         if self.logit_bias is not None:

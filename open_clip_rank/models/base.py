@@ -42,6 +42,9 @@ class RankTexts(NamedTuple):
     targets: torch.Tensor  # [N] float ranking targets
     category_ids: torch.Tensor  # [N] index into the dataset's category names
     with_pairs: bool = True  # False when the loss needs no pair head (single-head): it is not run
+    # --rank-global-pairs: the model returns per-image pair summaries (and the pair head) instead of the
+    # local [N, N] pair logits, and the loss forms pairs over the batch gathered from all processes
+    global_pairs: bool = False
 
     def to(self, *args, **kwargs):
         return RankTexts(*(t.to(*args, **kwargs) if isinstance(t, torch.Tensor) else t for t in self))
