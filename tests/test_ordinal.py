@@ -257,3 +257,27 @@ def test_timm_image_tower_with_another_models_text_tower_loads_text_weights_only
     assert all(torch.equal(v, tower_before[k]) for k, v in model.visual.state_dict().items())
     assert 'keep their timm initialisation' in caplog.text
     assert model(torch.randn(2, 3, 32, 32))['ordinal_logits'].shape == (2, 6)
+
+
+def test_custom_text_towers_carry_ordinal_prompts_and_hf_towers_are_refused():
+    from open_clip_rank.models.ordinal import OrdinalCustomTextCLIP
+    text_cfg = dict(TINY['text_cfg'], no_causal_mask=True, proj_bias=True, pool_type='last')
+    torch.manual_seed(0)
+    model = OrdinalCustomTextCLIP(32, TINY['vision_cfg'], text_cfg, ordinal_cfg={'num_ranks': 5,
+                                                                                 'num_context_tokens': 3})
+    model.lock_text_tower()
+    out = model(torch.randn(2, 3, 32, 32), OrdinalTargets(torch.tensor([0, 4])))
+    OrdinalLoss()(**out).backward()
+    assert model.prompt_learner.context_embeds.grad is not None and model.text.transformer.resblocks[0].mlp.c_fc.weight.grad is None
+    with pytest.raises(ValueError, match='needs a CLIP BPE text tower'):
+        OrdinalCustomTextCLIP(32, TINY['vision_cfg'], dict(hf_tokenizer_name='bert-base-uncased', hf_model_name='bert'),
+                              ordinal_cfg={'num_ranks': 5})
+
+
+def test_zero_shot_contract_on_an_ordinal_model():
+    """OpenCLIP's zero-shot evaluation calls model(image=x)['image_features'] and model.encode_text."""
+    model = build()
+    images = torch.randn(2, 3, 32, 32)
+    features = model(image=images)['image_features']
+    torch.testing.assert_close(features, model.encode_image(images, normalize=True))
+    assert model.encode_text(open_clip.tokenize(['a'], context_length=16)).shape == (1, 32)

@@ -92,6 +92,14 @@ def test_ordinal_model_learns_to_rank_held_out_images(ordinal_data, tmp_path):
     assert frozen.returncode == 0, frozen.stderr[-3000:]
     assert (tmp_path / 'frozen.csv').read_text() == out.with_suffix('.csv').read_text()
 
+    folder = _rank(['--checkpoint-path', str(checkpoint), '--images', str(Path(ordinal_data['root']) / 'images'),
+                    '--output-path', str(tmp_path / 'folder')])  # no --prompt: the prompts are learned
+    assert folder.returncode == 0, folder.stderr[-3000:]
+    with open(tmp_path / 'folder.csv') as f:
+        ranked_rows = list(csv.DictReader(f))
+    assert len(ranked_rows) == ordinal_data['num_train'] + ordinal_data['num_val']
+    assert all(0 <= float(r['expected_rank']) <= NUM_RANKS - 1 for r in ranked_rows)
+
 
 def test_accumulation_bf16_and_resume(small_data, tmp_path):
     common = ['--train-data', small_data['train_list'], '--image-root', small_data['root'], '--val-data',
