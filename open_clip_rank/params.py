@@ -120,8 +120,9 @@ def validate_plugin_args(args):
     if args.csv_dataset_sample_type == 'rank':
         if not 0.0 <= args.negative_ratio < 1.0:
             raise ValueError(f"--negative-ratio must be in [0, 1), got {args.negative_ratio}.")
-        if args.dataset_type not in ('csv', 'auto'):
-            raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv, got {args.dataset_type}.")
+        if args.dataset_type not in ('csv', 'auto', 'webdataset'):
+            raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv or webdataset, "
+                             f"got {args.dataset_type}.")
         if args.train_with_relevance_score and args.relevance_max_score < 1:
             raise ValueError(f"--relevance-max-score must be >= 1, got {args.relevance_max_score}.")
         # A rank model uses the same parameters every step (e.g. never the pair head with single-head
@@ -130,8 +131,9 @@ def validate_plugin_args(args):
     if args.train_with_relevance_score and args.csv_dataset_sample_type != 'rank':
         raise ValueError("--train-with-relevance-score re-words rank batches: add --csv-dataset-sample-type rank.")
     if args.csv_dataset_sample_type == 'ordinal':
-        if args.dataset_type not in ('csv', 'auto'):
-            raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv, got {args.dataset_type}.")
+        if args.dataset_type not in ('csv', 'auto', 'webdataset'):
+            raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv or webdataset, "
+                             f"got {args.dataset_type}.")
         if args.ordinal_ce_weight < 0 or args.ordinal_kl_weight < 0 or \
                 args.ordinal_ce_weight + args.ordinal_kl_weight == 0:
             raise ValueError("--ordinal-ce-weight and --ordinal-kl-weight must be >= 0, not both 0.")
