@@ -205,3 +205,20 @@ def test_bad_shard_data_is_one_error_before_training(rank_shards, tmp_path):
             tar.add(path, arcname=name)
     result = _train(['--train-data', str(folder / '000000.tar'), '--train-num-samples', '8'], tmp_path, 'plain')
     assert result.returncode == 2 and "lacks ['value', 'category']" in result.stderr
+
+
+def test_two_process_torchrun_from_shards(rank_shards, tmp_path):
+    """Shards split by node and worker (not resampled); both processes run the same number of steps."""
+    launcher_cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+                    '-m', 'open_clip_train.main', '--model', 'tiny-vit-adapter', '--dataset-type', 'webdataset',
+                    '--csv-dataset-sample-type', 'rank', '--batch-size', '8', '--lr', '1e-3', '--warmup', '2',
+                    '--workers', '1', '--seed', '0', '--name', 'ddp', '--dist-backend', 'gloo',
+                    '--train-data', rank_shards['train'], '--val-data', rank_shards['val'], '--epochs', '1',
+                    '--loss-opt', 'single-head', '--negative-ratio', '0.25']
+    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
+    result = subprocess.run(launcher_cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / 'logs' / 'ddp' / 'out.log').read_text()
+    assert '48 samples, 3 batches of 8 per process' in log  # 48 / (8 x 2)
+    results = _results(tmp_path, 'ddp')
+    assert len(results) == 1 and results[0]['num_samples'] == 12 and 'srcc' in results[0]

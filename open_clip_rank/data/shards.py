@@ -6,7 +6,8 @@ integer ``value`` (ordinal; optional ``labels`` list: a random one per training 
 
 Training streams shards as OpenCLIP's own webdataset path does (its ``ResampledShards2`` / ``detshuffle2``,
 ``split_by_node`` / ``split_by_worker``, ``tarfile_to_samples_nothrow``, ``--train-num-samples`` or
-``sizes.json``, ``with_epoch``), then buckets decoded samples per category (``RankBuckets``): a bucket that
+``sizes.json``, its batches-per-worker arithmetic; a finite stream that ends early is read again, so every
+process runs the same number of steps), then buckets decoded samples per category (``RankBuckets``): a bucket that
 holds a batch's positives leaves as one rank batch, completed with ``--negative-ratio`` negatives drawn from
 a pool of recent samples of other categories (their caption re-worded to the batch's category, target 0, as
 the CSV path). Categories therefore reach batches in proportion to their share of the stream, not uniformly
@@ -329,14 +330,38 @@ def _shard_source(urls, args, shared_epoch, is_train):
                            epoch=shared_epoch)]
 
 
+class _EpochOfBatches(torch.utils.data.IterableDataset):
+    """Exactly ``per_worker`` batches from each worker per epoch: the pipeline is read again from its start
+    when a finite (not resampled) stream ends early, so every process runs the same number of steps (DDP
+    would hang otherwise). Ends early only if a whole pass yields nothing (every sample unreadable)."""
+
+    def __init__(self, pipeline, per_worker):
+        super().__init__()
+        self.pipeline, self.per_worker = pipeline, per_worker
+
+    def __iter__(self):
+        count = 0
+        while count < self.per_worker:
+            before = count
+            for batch in self.pipeline:
+                yield batch
+                count += 1
+                if count >= self.per_worker:
+                    return
+            if count == before:
+                _logger.error("A pass over this worker's shards gave no batch (every sample unreadable?); "
+                              "the epoch ends early.")
+                return
+
+
 def _train_loader(pipeline, args, num_samples):
-    """OpenCLIP's epoch arithmetic: whole batches per worker, ``with_epoch``, a ``WebLoader``."""
+    """OpenCLIP's epoch arithmetic (whole batches per worker) and its ``WebLoader``."""
     import webdataset as wds
     global_batch = args.batch_size * args.world_size
     workers = max(1, args.workers)
     per_worker = max(1, math.ceil(math.ceil(num_samples / global_batch) / workers))
     num_batches = per_worker * workers
-    dataset = wds.DataPipeline(*pipeline).with_epoch(per_worker)
+    dataset = _EpochOfBatches(wds.DataPipeline(*pipeline), per_worker)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
                            persistent_workers=args.workers > 0)
     loader.num_batches = num_batches
