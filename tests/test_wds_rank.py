@@ -101,6 +101,9 @@ def test_bucketing_one_category_per_batch_negatives_from_others(rank_shards):
     # determinism for (seed, epoch, rank); another epoch or rank draws differently
     again = _stream(rank_shards['train'], FixedEpoch(0))
     assert all(torch.equal(a[1].targets, b[1].targets) and a[2] == b[2] for a, b in zip(batches, again))
+    piped = _stream(f"pipe:cat {rank_shards['train']}", FixedEpoch(0))  # webdataset's own pipe: URLs
+    assert all(torch.equal(a[1].targets, b[1].targets) and a[2] == b[2] for a, b in zip(batches, piped))
+    assert len(piped) == len(batches)
     other = _stream(rank_shards['train'], FixedEpoch(1))
     assert any(not torch.equal(a[1].targets, b[1].targets) for a, b in zip(batches, other))
 
@@ -142,8 +145,8 @@ def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
 
 # --- end to end through OpenCLIP's entry point -------------------------------------------------------
 
-def _train(args, logs, name, model='tiny-vit-adapter', sample_type='rank'):
-    cmd = [sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', 'webdataset',
+def _train(args, logs, name, model='tiny-vit-adapter', sample_type='rank', dataset_type='webdataset'):
+    cmd = [sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', dataset_type,
            '--csv-dataset-sample-type', sample_type, '--batch-size', '8', '--lr', '1e-3', '--warmup', '2',
            '--workers', '1', '--seed', '0', '--name', name, '--log-every-n-steps', '1', *args]
     logs.mkdir(parents=True, exist_ok=True)
@@ -222,3 +225,23 @@ def test_two_process_torchrun_from_shards(rank_shards, tmp_path):
     assert '48 samples, 3 batches of 8 per process' in log  # 48 / (8 x 2)
     results = _results(tmp_path, 'ddp')
     assert len(results) == 1 and results[0]['num_samples'] == 12 and 'srcc' in results[0]
+
+
+def test_learns_from_shards_as_from_the_csv(tmp_path):
+    """Same data, same flags: held-out SRCC from shards comes within 0.1 of the CSV path's (both learn)."""
+    write_rank_csv(str(tmp_path), per_count=8, name='train.csv')
+    write_rank_csv(str(tmp_path), per_count=2, seed=1, name='val.csv')
+    urls = {}
+    for split in ('train', 'val'):
+        result = _make_shards([tmp_path / f'{split}.csv', tmp_path / split, '--shard-size', 16])
+        urls[split] = result.stdout.split()[-2]
+    common = ['--epochs', '8', '--val-frequency', '8', '--loss-opt', 'dual-head', '--loss-components', 'regression',
+              'rank', '--negative-ratio', '0.25']
+    srcc = {}
+    for kind, train, val in (('csv', tmp_path / 'train.csv', tmp_path / 'val.csv'),
+                             ('webdataset', urls['train'], urls['val'])):
+        result = _train([*common, '--train-data', str(train), '--val-data', str(val)], tmp_path, kind,
+                        dataset_type=kind)
+        assert result.returncode == 0, result.stderr[-3000:]
+        srcc[kind] = _results(tmp_path, kind)[-1]['srcc']
+    assert srcc['webdataset'] >= 0.8 and srcc['webdataset'] >= srcc['csv'] - 0.1, srcc
