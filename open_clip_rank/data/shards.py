@@ -41,10 +41,11 @@ SAMPLE_SHUFFLE = (1000, 100)  # (bufsize, initial) of the per-worker sample shuf
 
 def uses_shards(args) -> bool:
     """Webdataset rank/ordinal data: ``--dataset-type webdataset``, or ``auto`` with ``.tar`` URLs."""
-    if args.dataset_type == 'webdataset':
+    dataset_type = getattr(args, 'dataset_type', 'csv')  # namespaces built without it: CSV, as before
+    if dataset_type == 'webdataset':
         return True
-    if args.dataset_type == 'auto':
-        data = args.train_data or args.val_data or ''
+    if dataset_type == 'auto':
+        data = getattr(args, 'train_data', None) or getattr(args, 'val_data', None) or ''
         return data.split('::')[0].endswith('.tar')
     return False
 
