@@ -130,6 +130,9 @@ def validate_global_pairs_args(args, loss):
                          "accumulated micro-batches of every process); use --accum-freq 1.")
     if getattr(args, 'horovod', False):
         raise ValueError("--rank-global-pairs gathers with torch.distributed; it does not support --horovod.")
+    if getattr(args, 'dataset_type', 'csv') == 'webdataset' or str(args.train_data or '').endswith('.tar'):
+        raise ValueError("--rank-global-pairs needs the same category on every process at each step, which streamed "
+                         "shards do not give; use --dataset-type csv rank data.")
 
 
 def plugin_parser() -> argparse.ArgumentParser:
@@ -142,8 +145,9 @@ def validate_plugin_args(args):
     if args.csv_dataset_sample_type == 'rank':
         if not 0.0 <= args.negative_ratio < 1.0:
             raise ValueError(f"--negative-ratio must be in [0, 1), got {args.negative_ratio}.")
-        if args.dataset_type not in ('csv', 'auto'):
-            raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv, got {args.dataset_type}.")
+        if args.dataset_type not in ('csv', 'auto', 'webdataset'):
+            raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv or webdataset, "
+                             f"got {args.dataset_type}.")
         if args.train_with_relevance_score and args.relevance_max_score < 1:
             raise ValueError(f"--relevance-max-score must be >= 1, got {args.relevance_max_score}.")
         # A rank model uses the same parameters every step (e.g. never the pair head with single-head
@@ -152,8 +156,9 @@ def validate_plugin_args(args):
     if args.train_with_relevance_score and args.csv_dataset_sample_type != 'rank':
         raise ValueError("--train-with-relevance-score re-words rank batches: add --csv-dataset-sample-type rank.")
     if args.csv_dataset_sample_type == 'ordinal':
-        if args.dataset_type not in ('csv', 'auto'):
-            raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv, got {args.dataset_type}.")
+        if args.dataset_type not in ('csv', 'auto', 'webdataset'):
+            raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv or webdataset, "
+                             f"got {args.dataset_type}.")
         if args.ordinal_ce_weight < 0 or args.ordinal_kl_weight < 0 or \
                 args.ordinal_ce_weight + args.ordinal_kl_weight == 0:
             raise ValueError("--ordinal-ce-weight and --ordinal-kl-weight must be >= 0, not both 0.")

@@ -126,6 +126,10 @@ def _check_rank_data(args):
         return
     from .data import loaders
     loaders.check_model_trains_on(args, sample_type)
+    from .data.shards import check_shard_data, uses_shards
+    if uses_shards(args):
+        check_shard_data(args, sample_type)
+        return
     for path, is_train in ((args.train_data, True), (args.val_data, False)):
         if not path:
             continue

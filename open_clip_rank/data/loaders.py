@@ -20,6 +20,7 @@ from ..compat import read_model_config
 from .dataset import RankDataset, collate_rank_batch
 from .ordinal import OrdinalDataset, collate_ordinal_batch, load_ordinal_table
 from .sampler import RankBatchSampler
+from .shards import get_ordinal_shard_data, get_rank_shard_data, uses_shards
 from .table import RankDataError, RankTable, load_rank_table
 from .transforms import rank_transforms
 
@@ -63,6 +64,8 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
     check_model_trains_on(args, 'rank')
     with_pairs = resolved_loss_name(args) in PAIR_HEAD_LOSSES
     train_transform, val_transform = rank_transforms(preprocess_fns[1])
+    if uses_shards(args):  # --dataset-type webdataset: streamed per-category buckets (data/shards.py)
+        return get_rank_shard_data(args, train_transform, val_transform, tokenizer, epoch, with_pairs)
     data = {}
     if args.train_data:
         table = _table_for(args, args.train_data, is_train=True)
@@ -107,6 +110,8 @@ def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
     check_model_trains_on(args, 'ordinal')
     num_ranks = _num_ranks(args)
     train_transform, val_transform = preprocess_fns
+    if uses_shards(args):  # --dataset-type webdataset (data/shards.py)
+        return get_ordinal_shard_data(args, train_transform, val_transform, num_ranks, epoch)
     data = {}
     if args.train_data:
         table = _ordinal_table(args, args.train_data, num_ranks)

@@ -1,0 +1,153 @@
+"""Convert a rank (or ordinal) CSV into webdataset shards for ``--dataset-type webdataset``.
+
+    python -m open_clip_rank.make_shards rank.csv out/ --shard-size 1000 [--sample-type rank|ordinal]
+
+Reads the CSV with the same validation as training (``load_rank_table`` / ``load_ordinal_table``: the same
+bad rows are refused, one line each), writes ``out/000000.tar ...`` (each written to a temporary name and
+renamed when complete) with ``<key>.<image ext>`` + ``<key>.json`` per row and OpenCLIP's ``sizes.json``,
+and prints as its last line the brace-expanded URL for ``--train-data`` and the sample count for
+``--train-num-samples``, e.g. ``out/{000000..000004}.tar 1000``.
+"""
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+
+from .data.table import RankDataError
+
+KEEP_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog='python -m open_clip_rank.make_shards', description=__doc__.split('\n\n')[0])
+    p.add_argument('csv', help='rank CSV (filepath, title, cname, value[, sample_weights_by_class]) or ordinal data')
+    p.add_argument('out', help='output folder for the shards and sizes.json')
+    p.add_argument('--shard-size', type=int, default=1000, help='samples per shard')
+    p.add_argument('--sample-type', choices=('rank', 'ordinal'), default='rank')
+    p.add_argument('--csv-separator', default='\t')
+    p.add_argument('--csv-img-key', default='filepath')
+    p.add_argument('--csv-caption-key', default='title')
+    p.add_argument('--csv-value-key', default='value')
+    p.add_argument('--csv-category-key', default='cname')
+    p.add_argument('--csv-weight-key', default='sample_weights_by_class')
+    p.add_argument('--num-ranks', type=int, default=100, help='ordinal: labels must lie in [0, num-ranks)')
+    p.add_argument('--image-root', default=None, help='ordinal: folder relative image paths resolve against')
+    p.add_argument('--seed', type=int, default=0, help='rows are shuffled with this seed so that shards mix '
+                                                    'categories (streamed buckets fill evenly)')
+    p.add_argument('--no-shuffle', action='store_true', help='keep the CSV row order')
+    p.add_argument('--no-progress', action='store_true')
+    args = p.parse_args(argv)
+    if args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}.")
+    return args
+
+
+def _rank_records(args):
+    from .data.table import load_rank_table
+    t = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                        value_key=args.csv_value_key, category_key=args.csv_category_key,
+                        weight_key=args.csv_weight_key, sep=args.csv_separator)
+    for i, path in enumerate(t.paths):
+        meta = {'value': float(t.values[i]), 'category': t.category_names[t.category_ids[i]],
+                'caption': t.captions[i]}
+        if t.weights is not None:
+            meta['weight'] = float(t.weights[i])
+        yield path, meta
+
+
+def _ordinal_records(args):
+    from .data.ordinal import load_ordinal_table
+    t = load_ordinal_table(args.csv, args.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
+                           sep=args.csv_separator, image_root=args.image_root)
+    for path, labels in zip(t.paths, t.labels):
+        meta = {'value': labels[len(labels) // 2]}
+        if len(labels) > 1:
+            meta['labels'] = labels
+        yield path, meta
+
+
+def _image(path):
+    """(extension, bytes): the file as it is for jpg/png/webp, else re-encoded as png."""
+    ext = KEEP_EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    with open(path, 'rb') as f:
+        data = f.read()
+    if ext is not None:
+        return ext, data
+    from PIL import Image
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as image:
+        image.convert('RGB').save(buffer, format='PNG')
+    return 'png', buffer.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(records, out, shard_size, total=None, progress=True):
+    """Write shards atomically (temporary name, then rename); returns {shard name: sample count}."""
+    from tqdm import tqdm
+    os.makedirs(out, exist_ok=True)
+    sizes, tar, tmp, name = {}, None, None, None
+    bar = tqdm(total=total, unit='img', desc='make_shards', disable=not progress, file=sys.stderr)
+    try:
+        for index, (path, meta) in enumerate(records):
+            if index % shard_size == 0:
+                if tar is not None:
+                    tar.close()
+                    os.replace(tmp, os.path.join(out, name))
+                name = f"{index // shard_size:06d}.tar"
+                tmp = os.path.join(out, f".{name}.tmp")
+                tar = tarfile.open(tmp, 'w')
+                sizes[name] = 0
+            key = f"{index:09d}"
+            ext, data = _image(path)
+            _add(tar, f"{key}.{ext}", data)
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+            sizes[name] += 1
+            bar.update(1)
+        if tar is not None:
+            tar.close()
+            os.replace(tmp, os.path.join(out, name))
+            tar = None
+    finally:
+        bar.close()
+        if tar is not None:  # interrupted: leave no partial shard behind
+            tar.close()
+            os.remove(tmp)
+    sizes_tmp = os.path.join(out, '.sizes.json.tmp')
+    with open(sizes_tmp, 'w') as f:
+        json.dump(sizes, f, indent=1)
+    os.replace(sizes_tmp, os.path.join(out, 'sizes.json'))
+    return sizes
+
+
+def shard_url(out, sizes) -> str:
+    names = sorted(sizes)
+    stem = lambda n: n[:-len('.tar')]  # noqa: E731
+    inner = names[0] if len(names) == 1 else f"{{{stem(names[0])}..{stem(names[-1])}}}.tar"
+    return os.path.join(out, inner)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        records = list((_rank_records if args.sample_type == 'rank' else _ordinal_records)(args))
+        if not args.no_shuffle:
+            import random
+            random.Random(args.seed).shuffle(records)
+    except RankDataError as err:
+        print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    sizes = write_shards(records, args.out, args.shard_size, total=len(records), progress=not args.no_progress)
+    print(f"{shard_url(args.out, sizes)} {sum(sizes.values())}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
