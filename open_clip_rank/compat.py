@@ -42,6 +42,11 @@ NAMES_MAIN_MUST_CALL = ('parse_args', 'get_data', 'create_loss', 'evaluate', 'tr
                         'save')  # torch.save of checkpoints (made atomic by the torch.save patch below)
 
 
+# open_clip_train.data building blocks the plugin's data paths reuse (rank/ordinal loaders and shard streaming).
+OPENCLIP_DATA_NAMES = ('DataInfo', 'SharedEpoch', 'expand_urls', 'get_dataset_size', 'ResampledShards2',
+                       'detshuffle2', 'tarfile_to_samples_nothrow')
+
+
 class PatchPointMissing(ImportError):
     """OpenCLIP no longer has something the plugin patches: this OpenCLIP version is unsupported."""
 
@@ -50,6 +55,21 @@ def missing(point: str, version: str) -> PatchPointMissing:
     return PatchPointMissing(
         f"open_clip_rank: OpenCLIP {version} has no patch point {point}; open_clip_rank supports "
         f"open_clip_torch{SUPPORTED_OPENCLIP}: install a supported version (pip install 'open_clip_torch{SUPPORTED_OPENCLIP}').")
+
+
+def openclip_data(*names):
+    """``open_clip_train.data``'s ``names`` (all of ``OPENCLIP_DATA_NAMES`` are checked once: one line naming
+    a missing one and the supported range, instead of an AttributeError mid-run)."""
+    import open_clip
+    from open_clip_train import data
+    for name in OPENCLIP_DATA_NAMES:
+        if not hasattr(data, name):
+            raise missing(f'open_clip_train.data.{name}', open_clip.__version__)
+    unknown = [n for n in names if n not in OPENCLIP_DATA_NAMES]
+    if unknown:
+        raise ValueError(f"{unknown} are not declared in compat.OPENCLIP_DATA_NAMES.")
+    values = tuple(getattr(data, n) for n in names)
+    return values[0] if len(values) == 1 else values
 
 
 def _version_tuple(version: str):

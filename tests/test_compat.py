@@ -154,3 +154,13 @@ def test_zero_shot_accuracy_fix_counts_as_openclip_does():
         assert zero_shot.accuracy(logits, target, topk=(1, 5)) == [top1, top5]
     else:
         assert zero_shot.accuracy(logits, target, topk=(1, 5)) == [top1, top5]
+
+
+def test_openclip_data_building_blocks_are_present_and_a_missing_one_is_named(monkeypatch):
+    from open_clip_train import data
+    from open_clip_rank import compat
+    assert compat.openclip_data('DataInfo') is data.DataInfo
+    assert len(compat.openclip_data(*compat.OPENCLIP_DATA_NAMES)) == len(compat.OPENCLIP_DATA_NAMES)
+    monkeypatch.delattr(data, 'detshuffle2')
+    with pytest.raises(compat.PatchPointMissing, match=r'no patch point open_clip_train.data.detshuffle2; .*supports'):
+        compat.openclip_data('DataInfo')

@@ -1,7 +1,7 @@
 """The families' data as OpenCLIP's ``get_data`` returns it: ``{'train': DataInfo, 'val': RankDataInfo}``.
 
 Used by the training hook for the families' ``--csv-dataset-sample-type`` values (``SAMPLE_TYPE_DATA``);
-this is the one data module that imports ``open_clip_train`` (for its ``DataInfo`` / ``SharedEpoch``).
+this is the one data module that imports ``open_clip_train`` at import time (its ``DataInfo`` / ``SharedEpoch``, through ``compat.openclip_data``).
 """
 import functools
 import logging
@@ -12,11 +12,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from open_clip_train.data import DataInfo, SharedEpoch
 
 from ..losses import PAIR_HEAD_LOSSES, resolved_loss_name
 from ..registry import family_for_model_name
-from ..compat import read_model_config
+from ..compat import openclip_data, read_model_config
 from .dataset import RankDataset, collate_rank_batch
 from .ordinal import OrdinalDataset, collate_ordinal_batch, load_ordinal_table
 from .sampler import RankBatchSampler
@@ -24,6 +23,7 @@ from .shards import get_ordinal_shard_data, get_rank_shard_data, uses_shards
 from .table import RankDataError, RankTable, load_rank_table
 from .transforms import rank_transforms
 
+DataInfo, SharedEpoch = openclip_data('DataInfo', 'SharedEpoch')
 _logger = logging.getLogger(__name__)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..compat import openclip_data
 from .dataset import RankDataset, collate_rank_batch
 from .table import RankDataError
 
@@ -240,8 +241,7 @@ def decode_ordinal_samples(src, transform, num_ranks, train, counter=None):
 # --- shard lists and sizes --------------------------------------------------------------------------
 
 def _expand(urls) -> List[str]:
-    from open_clip_train.data import expand_urls
-    return expand_urls(urls)[0]
+    return openclip_data('expand_urls')(urls)[0]
 
 
 def _is_local(url: str) -> bool:
@@ -297,9 +297,8 @@ def check_shard_data(args, sample_type):
 def train_num_samples(args) -> int:
     if args.train_num_samples is not None:
         return args.train_num_samples
-    from open_clip_train.data import get_dataset_size
     try:
-        size, _ = get_dataset_size(args.train_data)
+        size, _ = openclip_data('get_dataset_size')(args.train_data)
     except Exception:
         size = None
     if not size:
@@ -311,11 +310,12 @@ def train_num_samples(args) -> int:
 def _shard_source(urls, args, shared_epoch, is_train):
     """OpenCLIP's shard stage: resampled or shuffled-and-split shards, then tar samples (never throwing)."""
     import webdataset as wds
-    from open_clip_train import data as oc
+    resampled_shards, detshuffle, tar_samples = openclip_data(
+        'ResampledShards2', 'detshuffle2', 'tarfile_to_samples_nothrow')
     if not is_train:
-        return [wds.SimpleShardList(urls), wds.split_by_worker, oc.tarfile_to_samples_nothrow]
+        return [wds.SimpleShardList(urls), wds.split_by_worker, tar_samples]
     if getattr(args, 'dataset_resampled', False):
-        stages = [oc.ResampledShards2(urls, weights=args.train_data_upsampling_factors, deterministic=True,
+        stages = [resampled_shards(urls, weights=args.train_data_upsampling_factors, deterministic=True,
                                       epoch=shared_epoch)]
     else:
         num_shards = len(_expand(urls))
@@ -324,10 +324,10 @@ def _shard_source(urls, args, shared_epoch, is_train):
                                 f"worker(s) x {args.world_size} process(es) reading them; write smaller shards "
                                 f"(make_shards --shard-size), lower --workers, or add --dataset-resampled.")
         stages = [wds.SimpleShardList(urls),
-                  oc.detshuffle2(bufsize=2000, initial=500, seed=args.seed, epoch=shared_epoch),
+                  detshuffle(bufsize=2000, initial=500, seed=args.seed, epoch=shared_epoch),
                   wds.split_by_node, wds.split_by_worker]
-    return [*stages, oc.tarfile_to_samples_nothrow,
-            oc.detshuffle2(bufsize=SAMPLE_SHUFFLE[0], initial=SAMPLE_SHUFFLE[1], seed=args.seed + args.rank,
+    return [*stages, tar_samples,
+            detshuffle(bufsize=SAMPLE_SHUFFLE[0], initial=SAMPLE_SHUFFLE[1], seed=args.seed + args.rank,
                            epoch=shared_epoch)]
 
 
@@ -373,9 +373,8 @@ def _train_loader(pipeline, args, num_samples):
 def scan_categories(urls, sample_type='rank') -> ShardCategories:
     """Category names (sorted) and sample count of validation shards, from their json only."""
     import webdataset as wds
-    from open_clip_train.data import tarfile_to_samples_nothrow
     names, count = set(), 0
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), tarfile_to_samples_nothrow):
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), openclip_data('tarfile_to_samples_nothrow')):
         try:
             meta = _meta(sample)
         except Exception:
@@ -393,7 +392,7 @@ def _val_rank_samples(src, transform, tokenizer, index, counter):
 def get_rank_shard_data(args, train_transform, val_transform, tokenizer, epoch, with_pairs):
     import functools
     import webdataset as wds
-    from open_clip_train.data import DataInfo, SharedEpoch
+    DataInfo, SharedEpoch = openclip_data('DataInfo', 'SharedEpoch')
     from .loaders import RankDataInfo
     data = {}
     if args.train_data:
@@ -438,7 +437,7 @@ def _val_loader(pipeline, args, num_samples):
 def get_ordinal_shard_data(args, train_transform, val_transform, num_ranks, epoch):
     import functools
     import webdataset as wds
-    from open_clip_train.data import DataInfo, SharedEpoch
+    DataInfo, SharedEpoch = openclip_data('DataInfo', 'SharedEpoch')
     from .loaders import RankDataInfo
     from .ordinal import collate_ordinal_batch
     data = {}
