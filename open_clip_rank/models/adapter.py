@@ -19,7 +19,8 @@ from open_clip.transformer import lock_text_tower, text_global_pool
 from .. import compat
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
-from .towers import emit_tokens, image_tokens
+from .towers import (emit_tokens, image_tokens, image_tower_features, tokens_from_tower_features,
+                     trainable_after_tower_features)
 
 _logger = logging.getLogger(__name__)
 
@@ -145,6 +146,8 @@ class RankAdapterMixin(RankModel):
         if not strict and isinstance(getattr(self.visual, 'proj', None), nn.Parameter):
             self.visual.proj.requires_grad_(True)
         _log_trainable('Image tower', self.visual, 'strict' if strict else 'as the original: visual.proj trains')
+        from ..feature_cache import note_image_tower_locked
+        note_image_tower_locked(self)  # --rank-feature-cache builds its data side from the locked model
 
     def _text_transformer(self) -> nn.Module:
         raise NotImplementedError
@@ -217,9 +220,23 @@ class RankAdapterMixin(RankModel):
 
     # --- rank-model protocol -------------------------------------------------------------------------
 
-    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened."""
+    def encode_image_tokens(self, image) -> torch.Tensor:
+        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened. ``image`` may be
+        a ``feature_cache.CachedImages`` batch (``--rank-feature-cache``): the frozen part then runs on its misses
+        only, the trainable rest (``visual.proj``, ``visual_proj``) on every image."""
+        from ..feature_cache import CachedImages, tower_features_from_batch
+        if isinstance(image, CachedImages):
+            features = tower_features_from_batch(self.visual, image, self.image_tower_features)
+            return tokens_from_tower_features(self.visual, features, map_proj=self.visual_proj)
         return image_tokens(self.visual, image, map_proj=self.visual_proj)
+
+    def image_tower_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The frozen part of ``encode_image_tokens`` (what ``--rank-feature-cache`` stores)."""
+        return image_tower_features(self.visual, image)
+
+    def image_tower_trainable_after_cache(self):
+        """``visual`` parameters applied after the cached part (a ViT's ``proj``)."""
+        return trainable_after_tower_features(self.visual)
 
     def encode_prompts(self, text: torch.Tensor) -> torch.Tensor:
         """Instructions -> their text tokens after the final LayerNorm [T, L, W]."""
