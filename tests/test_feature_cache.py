@@ -217,8 +217,8 @@ def test_refusals(tmp_path):
         check_cacheable(model)
 
 
-def _train(args, cwd, name):
-    cmd = [sys.executable, '-m', 'open_clip_train.main', '--model', MODEL, '--dataset-type', 'csv',
+def _train(args, cwd, name, launcher=(sys.executable, '-m', 'open_clip_train.main')):
+    cmd = [*launcher, '--model', MODEL, '--dataset-type', 'csv',
            '--csv-dataset-sample-type', 'rank', '--batch-size', '8', '--lr', '1e-3', '--warmup', '1',
            '--workers', '1', '--seed', '0', '--name', name, '--epochs', '2', '--lock-image', '--lock-text', *args]
     env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
@@ -239,3 +239,17 @@ def test_training_run_with_the_cache(tmp_path):
     refused = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir), '--lock-image-unlocked-groups',
                       '1'], tmp_path, 'refused')
     assert refused.returncode != 0 and '--rank-feature-cache' in refused.stderr
+
+
+def test_two_process_ddp_with_the_cache(tmp_path):
+    train = write_rank_csv(str(tmp_path / 'data'), per_count=2)  # 24 rows
+    cache_dir = tmp_path / 'cache'
+    launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
+                '-m', 'open_clip_train.main')
+    result = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir), '--dist-backend', 'gloo',
+                     '--loss-opt', 'dual-head'], tmp_path, 'ddp', launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = cache_dir.iterdir()  # one key; one file set per process rank, each filled by its process
+    for rank in (0, 1):
+        cache = open_cache(str(folder / f'rank{rank}.json'), writable=False)
+        assert 0 < cache.num_complete() <= 24
