@@ -275,6 +275,16 @@ def tower_features_from_batch(visual: nn.Module, batch: CachedImages, tower_fn) 
     return out
 
 
+def encode_unique_texts(encode_text_tokens, text: torch.Tensor):
+    """``encode_text_tokens(text)`` computed once per distinct caption (a rank batch holds one instruction, and
+    its negatives' re-worded captions): the same values and gradients (the gather sums them), less compute."""
+    unique, inverse = torch.unique(text, dim=0, return_inverse=True)
+    if unique.shape[0] == text.shape[0]:
+        return encode_text_tokens(text)
+    features, tokens = encode_text_tokens(unique)
+    return features[inverse], tokens[inverse]
+
+
 # --- what may be cached ---------------------------------------------------------------------------------
 
 _LOCKED = {'model': None}

@@ -196,7 +196,11 @@ class RankAdapterMixin(RankModel):
             global_pairs = with_pairs and text.global_pairs
             text = text.tokens
         tokens = self.encode_image_tokens(image)
-        text_features, text_tokens = self.encode_text_tokens(text)
+        from ..feature_cache import CachedImages, encode_unique_texts
+        if isinstance(image, CachedImages):  # cached image side: the text side, once per distinct caption
+            text_features, text_tokens = encode_unique_texts(self.encode_text_tokens, text)
+        else:
+            text_features, text_tokens = self.encode_text_tokens(text)
         if global_pairs:
             # --rank-global-pairs: per-image pair summaries (o [N, H, Q, d] and L [N, H, Q]; the token mean for
             # the 'null' pooler) and the pair head, instead of the local [N, N] logits; the loss gathers the
