@@ -130,6 +130,45 @@ def test_strict_lock_caches_too(csv_path, tmp_path):
     assert model(images, texts)['rank_scores'].shape == (2,)
 
 
+RN_ADAPTER = {
+    "embed_dim": [32, 32],
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    "adapter_cfg": {"num_layers": 1, "d_model": 32, "n_head": 4, "num_learnable_text_tokens": 4,
+                    "cross_attn_method": "cross-qkv", "reg_token_method": "cross-attn-sum",
+                    "adapter_attention_pooler": "rank-attn", "n_reg_tokens": 4},
+    "misc_cfg": {"model_version": "clip-adapter-v2"}
+}
+
+
+def test_resnet_caches_the_layer4_map_before_visual_proj(csv_path, tmp_path):
+    import json
+    folder = tmp_path / 'configs'
+    folder.mkdir()
+    (folder / 'tiny-rn-cache-adapter.json').write_text(json.dumps(RN_ADAPTER))
+    open_clip.add_model_config(folder)
+    model, _, preprocess_val = open_clip.create_model_and_transforms('tiny-rn-cache-adapter')
+    model.lock_image_tower()
+    with pytest.raises(FeatureCacheError, match='--lock-image-freeze-bn-stats'):
+        check_cacheable(model)  # BatchNorm with batch statistics: per-batch outputs, not cacheable
+    model.lock_image_tower(freeze_bn_stats=True)
+    table = load_rank_table(csv_path)
+    _, transform = rank_transforms(preprocess_val)
+    cache = build_cache(_args(tmp_path / 'cache', 'fp32', model='tiny-rn-cache-adapter'), model, table, transform)
+    assert cache.entry_shape == (16 * 32, 2, 2)  # the layer-4 map, before the 1x1 visual_proj
+    dataset = CachedRankDataset(table, transform, open_clip.get_tokenizer(MODEL), cache.header_path)
+    keys = [(0, -1), (1, -1), (8, 0)]
+    for seed in (0, 1):  # miss, then hit
+        images, texts = _batch(dataset, cache, keys, seed)
+        pixels, plain_texts = _uncached_batch(table, transform, open_clip.get_tokenizer(MODEL), images, keys)
+        cached_out, cached_grads = _forward_backward(model, images, texts)
+        plain_out, plain_grads = _forward_backward(model, pixels, plain_texts)
+        torch.testing.assert_close(cached_out['rank_scores'], plain_out['rank_scores'], atol=1e-5, rtol=1e-5)
+        assert 'visual_proj.weight' in plain_grads
+        torch.testing.assert_close(cached_grads['visual_proj.weight'], plain_grads['visual_proj.weight'],
+                                   atol=1e-5, rtol=1e-5)
+
+
 def _key_folder(cache):
     return os.path.dirname(cache.header_path)
 

@@ -17,6 +17,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower, text_global_pool
 
 from .. import compat
+from ..feature_cache import CachedImages, encode_unique_texts, note_image_tower_locked, tower_features_from_batch
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
 from .towers import (emit_tokens, image_tokens, image_tower_features, tokens_from_tower_features,
@@ -146,7 +147,6 @@ class RankAdapterMixin(RankModel):
         if not strict and isinstance(getattr(self.visual, 'proj', None), nn.Parameter):
             self.visual.proj.requires_grad_(True)
         _log_trainable('Image tower', self.visual, 'strict' if strict else 'as the original: visual.proj trains')
-        from ..feature_cache import note_image_tower_locked
         note_image_tower_locked(self)  # --rank-feature-cache builds its data side from the locked model
 
     def _text_transformer(self) -> nn.Module:
@@ -196,7 +196,6 @@ class RankAdapterMixin(RankModel):
             global_pairs = with_pairs and text.global_pairs
             text = text.tokens
         tokens = self.encode_image_tokens(image)
-        from ..feature_cache import CachedImages, encode_unique_texts
         if isinstance(image, CachedImages):  # cached image side: the text side, once per distinct caption
             text_features, text_tokens = encode_unique_texts(self.encode_text_tokens, text)
         else:
@@ -228,7 +227,6 @@ class RankAdapterMixin(RankModel):
         """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened. ``image`` may be
         a ``feature_cache.CachedImages`` batch (``--rank-feature-cache``): the frozen part then runs on its misses
         only, the trainable rest (``visual.proj``, ``visual_proj``) on every image."""
-        from ..feature_cache import CachedImages, tower_features_from_batch
         if isinstance(image, CachedImages):
             features = tower_features_from_batch(self.visual, image, self.image_tower_features)
             return tokens_from_tower_features(self.visual, features, map_proj=self.visual_proj)
