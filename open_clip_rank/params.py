@@ -70,6 +70,15 @@ def add_plugin_args(parser: argparse.ArgumentParser):
              'world-size rows) and the pair summaries, scores and targets are gathered, so the pair loss sees '
              'N = B x W images (gradients exact; --gather-with-grad gathers with gradient). Default: pairs '
              'within each process\'s batch, as the original.')
+    group.add_argument(
+        '--rank-feature-cache', type=str, default=None, metavar='DIR',
+        help='Adapter training with a frozen image tower (--lock-image): store the tower\'s outputs (ViT tokens '
+             'before visual.proj, ResNet layer-4 maps before visual_proj) once per image and flip view in a '
+             'memory-mapped file per process under DIR, and train later epochs from it instead of running the '
+             'tower. Keyed by model, weights, transform and data (a change builds a new cache); partial or corrupt '
+             'entries are recomputed. Both views of the random flip are stored (a miss runs the tower twice).')
+    group.add_argument('--rank-feature-cache-dtype', choices=('fp16', 'bf16', 'fp32'), default='fp16',
+                       help='Storage type of --rank-feature-cache.')
     group.add_argument('--csv-value-key', type=str, default='value', help='CSV column of the ranking target.')
     group.add_argument('--csv-category-key', type=str, default='cname',
                        help='CSV column of the category word that appears in the caption.')
@@ -135,6 +144,26 @@ def validate_global_pairs_args(args, loss):
                          "shards do not give; use --dataset-type csv rank data.")
 
 
+def validate_feature_cache_args(args):
+    """``--rank-feature-cache`` caches what ``--lock-image`` freezes, on CSV rank data; refuse what would make a
+    cached output differ from the tower's."""
+    if not getattr(args, 'rank_feature_cache', None):
+        return
+    why = None
+    if args.csv_dataset_sample_type != 'rank':
+        why = f"it needs --csv-dataset-sample-type rank (got {args.csv_dataset_sample_type})"
+    elif not getattr(args, 'lock_image', False):
+        why = "it needs a frozen image tower: add --lock-image"
+    elif getattr(args, 'lock_image_unlocked_groups', 0) > 0:
+        why = "--lock-image-unlocked-groups > 0 trains part of the image tower"
+    elif getattr(args, 'dataset_type', 'csv') == 'webdataset' or str(args.train_data or '').endswith('.tar'):
+        why = "it keys images by CSV row; streamed shards are not supported (use --dataset-type csv)"
+    elif getattr(args, 'force_patch_dropout', None):
+        why = "--force-patch-dropout drops tokens at random"
+    if why:
+        raise ValueError(f"--rank-feature-cache: {why}.")
+
+
 def plugin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog='open_clip_rank')
     return add_plugin_args(parser)
@@ -169,6 +198,7 @@ def validate_plugin_args(args):
         raise ValueError(f"{given} trains on targets: add --dataset-type csv "
                          f"--csv-dataset-sample-type {needed} (CSV with a '{args.csv_value_key}' column).")
     validate_global_pairs_args(args, loss)
+    validate_feature_cache_args(args)
     validate_rankclip_args(args)
     from .models.adapter import set_tower_lock_policy
     set_tower_lock_policy(strict=args.strict_tower_lock)  # read by the adapter models' lock_*_tower

@@ -47,6 +47,26 @@ def _loader(dataset, batch_sampler, args, with_pairs=True, global_pairs=False):
                       pin_memory=torch.cuda.is_available())
 
 
+def _cached_loader(args, table, deterministic_transform, tokenizer, batch_sampler, with_pairs, global_pairs):
+    """``--rank-feature-cache``: samples from the frozen-tower cache (both flip views stored; see
+    ``feature_cache.py``), built from the model ``--lock-image`` locked."""
+    from ..feature_cache import FeatureCacheError, build_cache, locked_model
+    from .cached import CachedRankDataset, collate_cached_rank_batch
+    model = locked_model()
+    if model is None:
+        raise RankDataError("--rank-feature-cache needs the model locked by --lock-image before the data is built "
+                            "(as open_clip_train.main does).")
+    try:
+        cache = build_cache(args, model, table, deterministic_transform)
+    except FeatureCacheError as err:
+        raise RankDataError(str(err)) from err
+    dataset = CachedRankDataset(table, deterministic_transform, tokenizer, cache.header_path)
+    collate = functools.partial(collate_cached_rank_batch, cache_path=cache.header_path, with_pairs=with_pairs,
+                                global_pairs=global_pairs)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers, collate_fn=collate,
+                      pin_memory=torch.cuda.is_available())
+
+
 def check_model_trains_on(args, sample_type: str):
     family = family_for_model_name(args.model)
     if family is None or sample_type not in family.sample_types:
@@ -75,7 +95,10 @@ def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
         sampler = RankBatchSampler(table, args.batch_size, args.negative_ratio, seed=args.seed,
                                    rank=args.rank, world_size=args.world_size, shared_epoch=shared_epoch,
                                    relevance_max=relevance_max, global_pairs=global_pairs)
-        loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args, with_pairs, global_pairs)
+        if getattr(args, 'rank_feature_cache', None):
+            loader = _cached_loader(args, table, val_transform, tokenizer, sampler, with_pairs, global_pairs)
+        else:
+            loader = _loader(RankDataset(table, train_transform, tokenizer), sampler, args, with_pairs, global_pairs)
         loader.num_batches = len(sampler)
         loader.num_samples = len(sampler) * args.batch_size * args.world_size
         data['train'] = DataInfo(loader, shared_epoch=shared_epoch)

@@ -17,9 +17,11 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower, text_global_pool
 
 from .. import compat
+from ..feature_cache import CachedImages, encode_unique_texts, note_image_tower_locked, tower_features_from_batch
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
-from .towers import emit_tokens, image_tokens
+from .towers import (emit_tokens, image_tokens, image_tower_features, tokens_from_tower_features,
+                     trainable_after_tower_features)
 
 _logger = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ class RankAdapterMixin(RankModel):
         if not strict and isinstance(getattr(self.visual, 'proj', None), nn.Parameter):
             self.visual.proj.requires_grad_(True)
         _log_trainable('Image tower', self.visual, 'strict' if strict else 'as the original: visual.proj trains')
+        note_image_tower_locked(self)  # --rank-feature-cache builds its data side from the locked model
 
     def _text_transformer(self) -> nn.Module:
         raise NotImplementedError
@@ -193,7 +196,10 @@ class RankAdapterMixin(RankModel):
             global_pairs = with_pairs and text.global_pairs
             text = text.tokens
         tokens = self.encode_image_tokens(image)
-        text_features, text_tokens = self.encode_text_tokens(text)
+        if isinstance(image, CachedImages):  # cached image side: the text side, once per distinct caption
+            text_features, text_tokens = encode_unique_texts(self.encode_text_tokens, text)
+        else:
+            text_features, text_tokens = self.encode_text_tokens(text)
         if global_pairs:
             # --rank-global-pairs: per-image pair summaries (o [N, H, Q, d] and L [N, H, Q]; the token mean for
             # the 'null' pooler) and the pair head, instead of the local [N, N] logits; the loss gathers the
@@ -217,9 +223,22 @@ class RankAdapterMixin(RankModel):
 
     # --- rank-model protocol -------------------------------------------------------------------------
 
-    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened."""
+    def encode_image_tokens(self, image) -> torch.Tensor:
+        """Image -> [N, P, D] tokens: ViT patch tokens after ln_post @ proj, CNN maps flattened. ``image`` may be
+        a ``feature_cache.CachedImages`` batch (``--rank-feature-cache``): the frozen part then runs on its misses
+        only, the trainable rest (``visual.proj``, ``visual_proj``) on every image."""
+        if isinstance(image, CachedImages):
+            features = tower_features_from_batch(self.visual, image, self.image_tower_features)
+            return tokens_from_tower_features(self.visual, features, map_proj=self.visual_proj)
         return image_tokens(self.visual, image, map_proj=self.visual_proj)
+
+    def image_tower_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The frozen part of ``encode_image_tokens`` (what ``--rank-feature-cache`` stores)."""
+        return image_tower_features(self.visual, image)
+
+    def image_tower_trainable_after_cache(self):
+        """``visual`` parameters applied after the cached part (a ViT's ``proj``)."""
+        return trainable_after_tower_features(self.visual)
 
     def encode_prompts(self, text: torch.Tensor) -> torch.Tensor:
         """Instructions -> their text tokens after the final LayerNorm [T, L, W]."""

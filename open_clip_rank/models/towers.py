@@ -21,18 +21,37 @@ def emit_tokens(visual) -> None:
         visual.output_tokens = True
 
 
+def image_tower_features(visual, image: torch.Tensor) -> torch.Tensor:
+    """The part of ``image_tokens`` that ``--lock-image`` freezes (what ``--rank-feature-cache`` stores): ViT
+    tokens after ``ln_post`` (before ``proj``), a ResNet's layer-4 map, a timm trunk's output map."""
+    if isinstance(visual, VisionTransformer):
+        _, tokens = visual(image)  # one pass: post-ln_post patch tokens
+        return tokens
+    if isinstance(visual, ModifiedResNet):
+        return visual.forward_intermediates(image, indices=1, intermediates_only=True)['image_intermediates'][-1]
+    if isinstance(visual, TimmModel):
+        return visual(image)
+    raise TypeError(f"{type(visual).__name__} image towers are not supported by open_clip_rank models.")
+
+
+def tokens_from_tower_features(visual, features: torch.Tensor, map_proj=None) -> torch.Tensor:
+    """The rest of ``image_tokens``: a ViT's ``proj``; ``map_proj`` and flattening for maps."""
+    if isinstance(visual, VisionTransformer):
+        return features @ visual.proj if visual.proj is not None else features
+    if isinstance(visual, ModifiedResNet):
+        return _map_to_tokens(map_proj(features) if map_proj is not None else features)
+    return _map_to_tokens(features)
+
+
+def trainable_after_tower_features(visual):
+    """Names of the tower's parameters that ``tokens_from_tower_features`` applies (a ViT's ``proj``)."""
+    return ('proj',) if isinstance(visual, VisionTransformer) and visual.proj is not None else ()
+
+
 def image_tokens(visual, image: torch.Tensor, map_proj=None) -> torch.Tensor:
     """[N, P, D] tokens of ``image`` from the tower ``visual``; ``map_proj`` (e.g. a 1x1 conv) maps a
     ResNet's layer-4 channels to the token width first."""
-    if isinstance(visual, VisionTransformer):
-        _, tokens = visual(image)  # one pass: post-ln_post patch tokens
-        return tokens @ visual.proj if visual.proj is not None else tokens
-    if isinstance(visual, ModifiedResNet):
-        x = visual.forward_intermediates(image, indices=1, intermediates_only=True)['image_intermediates'][-1]
-        return _map_to_tokens(map_proj(x) if map_proj is not None else x)
-    if isinstance(visual, TimmModel):
-        return _map_to_tokens(visual(image))
-    raise TypeError(f"{type(visual).__name__} image towers are not supported by open_clip_rank models.")
+    return tokens_from_tower_features(visual, image_tower_features(visual, image), map_proj)
 
 
 def pooled_image_features(visual, image: torch.Tensor) -> torch.Tensor:

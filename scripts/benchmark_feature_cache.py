@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""An adapter training epoch from the frozen-tower feature cache (``--rank-feature-cache``) vs recomputing the towers.
+
+    python scripts/benchmark_feature_cache.py                       # ViT-B-32-adapter, random weights, CPU
+    python scripts/benchmark_feature_cache.py --images 64 --batch-size 16 --threads 4
+
+Random weights (no download), synthetic 224 px images, ``--lock-image --lock-text`` as the original code (visual.proj,
+the text token/positional embeddings and ln_final train), the single-head rank loss, AdamW; data loading in the
+main process (``--workers 0``), included in the times. Each epoch is the same rank sampler's epoch. Rows:
+
+* ``towers``: the ordinary path (image tower + text side of every caption, every step);
+* ``towers, text once``: the same with the text side run once per distinct caption of the batch, as the cached
+  path does (so the last column is the image cache's own speed-up);
+* ``cache fill``: the first epoch with an empty cache (the tower runs on both flip views of each new image);
+* ``cache``: epochs after every row was cached (all hits: the image tower never runs).
+"""
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--model', default='ViT-B-32-adapter')
+    p.add_argument('--images', type=int, default=32, help='rows of the synthetic rank CSV (two categories)')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--epochs', type=int, default=5, help='timed epochs per mode, interleaved (median reported)')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--strict-tower-lock', action='store_true',
+                   help='freeze the towers entirely (the flag of the same name) instead of the original trainable set')
+    p.add_argument('--dtype', default='fp16', choices=('fp16', 'bf16', 'fp32'), help='cache storage type')
+    return p.parse_args(argv)
+
+
+def write_data(root, n):
+    from PIL import Image, ImageDraw
+    import numpy as np
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        kind = ('circle', 'square')[i % 2]
+        count = int(rng.integers(0, 8))
+        image = Image.new('RGB', (256, 256), (235, 235, 235))
+        draw = ImageDraw.Draw(image)
+        for _ in range(count):
+            x, y = (int(v) for v in rng.integers(0, 230, 2))
+            (draw.ellipse if kind == 'circle' else draw.rectangle)([x, y, x + 24, y + 24], fill=(200, 40, 40))
+        path = os.path.join(root, f'{i}.png')
+        image.save(path)
+        rows.append(f'{path}\tRank the numbers of {kind}.\t{kind}\t{count}')
+    csv = os.path.join(root, 'train.csv')
+    with open(csv, 'w') as f:
+        f.write('filepath\ttitle\tcname\tvalue\n' + '\n'.join(rows) + '\n')
+    return csv
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    import open_clip
+    import open_clip_rank  # noqa: F401  (registers the adapter configs)
+    from torch.utils.data import DataLoader
+    from open_clip_rank.data import RankBatchSampler, RankDataset, collate_rank_batch, load_rank_table
+    from open_clip_rank.data.cached import CachedRankDataset, collate_cached_rank_batch
+    from open_clip_rank.data.transforms import rank_transforms
+    from open_clip_rank.feature_cache import build_cache, encode_unique_texts
+    from open_clip_rank.losses.ranking import RankingLoss
+    from open_clip_rank.models.adapter import set_tower_lock_policy
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    root = tempfile.mkdtemp(prefix='featcache-bench-')
+    table = load_rank_table(write_data(root, args.images))
+    model, _, preprocess_val = open_clip.create_model_and_transforms(args.model)
+    set_tower_lock_policy(args.strict_tower_lock)
+    model.lock_image_tower()
+    model.lock_text_tower()
+    set_tower_lock_policy(False)
+    model.train()
+    train_transform, deterministic = rank_transforms(preprocess_val)
+    tokenizer = open_clip.get_tokenizer(args.model)
+    loss_fn = RankingLoss(head='single', components=['rank', 'regression', 'bce'],
+                          weights={'rank': 1.0, 'regression': 0.2, 'bce': 1.0})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    sampler = RankBatchSampler(table, args.batch_size, negative_ratio=0.2, seed=0)
+
+    def epoch(loader):
+        start = time.perf_counter()
+        for images, texts in loader:
+            out = model(images, texts)
+            losses = loss_fn(**out, output_dict=True)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+    # the single-head loss needs no pair head (as the training loader: with_pairs=False)
+    towers = DataLoader(RankDataset(table, train_transform, tokenizer), batch_sampler=sampler,
+                        collate_fn=functools.partial(collate_rank_batch, with_pairs=False))
+    cache_args = argparse.Namespace(model=args.model, force_image_size=None, force_patch_dropout=None,
+                                    force_quick_gelu=False, precision='fp32', rank=0,
+                                    rank_feature_cache=os.path.join(root, 'cache'), rank_feature_cache_dtype=args.dtype)
+    cache = build_cache(cache_args, model, table, deterministic)
+    dataset = CachedRankDataset(table, deterministic, tokenizer, cache.header_path)
+    collate = functools.partial(collate_cached_rank_batch, cache_path=cache.header_path, with_pairs=False)
+    cached = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    every_row = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+
+    encode_text_tokens = model.encode_text_tokens
+    text_once = functools.partial(encode_unique_texts, encode_text_tokens)
+
+    def towers_epoch(once):
+        # with once: the text side once per distinct caption (as the cached path does): the image cache's own share
+        model.encode_text_tokens = text_once if once else encode_text_tokens
+        try:
+            return epoch(towers)
+        finally:
+            model.encode_text_tokens = encode_text_tokens
+
+    towers_epoch(False)  # warm-up
+    fill = epoch(cached)
+    with torch.no_grad():  # cache the rows the first epoch did not draw
+        for images, _ in every_row:
+            model.encode_image_tokens(images)
+    cache.hits = cache.misses = 0
+    tower_times, text_once_times, cache_times = [], [], []
+    for _ in range(args.epochs):  # interleaved, so load from other processes hits every mode alike
+        tower_times.append(towers_epoch(False))
+        text_once_times.append(towers_epoch(True))
+        cache_times.append(epoch(cached))
+    assert cache.misses == 0, 'every row was cached: the warm epochs must not run the tower'
+
+    steps = len(sampler)
+    t_towers, t_cache = statistics.median(tower_times), statistics.median(cache_times)
+    print(f"\n{args.model} (random weights), {args.images} images, {steps} steps of {args.batch_size}, CPU, "
+          f"{args.threads} threads, torch {torch.__version__}, "
+          f"{'--strict-tower-lock' if args.strict_tower_lock else 'the original trainable set'}, cache {args.dtype} "
+          f"({os.path.getsize(cache.tokens_path) / 2 ** 20:.1f} MiB)\n")
+    t_once = statistics.median(text_once_times)
+    print(f"| {'mode':<22} | {'epoch s':>8} | {'epochs/s':>8} | {'vs towers':>9} | {'vs text once':>12} |")
+    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")
+    for name, t in (('towers', t_towers), ('towers, text once', t_once), ('cache fill', fill), ('cache', t_cache)):
+        print(f"| {name:<22} | {t:>8.2f} | {1 / t:>8.3f} | {t_towers / t:>8.1f}x | {t_once / t:>11.1f}x |")
+
+
+if __name__ == '__main__':
+    main()
