@@ -45,6 +45,9 @@ def parse_args(argv=None):
                    help='--mode step: adapter dims from this config; --mode inference: the model to run')
     p.add_argument('--text-tokens', type=int, default=77, help='--mode step: context length of the text tokens')
     p.add_argument('--impls', nargs='+', default=['official', 'ours', 'ours+ckpt'], help='--mode step rows')
+    p.add_argument('--malloc-mmap-threshold', type=int, default=None,
+                   help='CPU: run the measuring subprocesses with MALLOC_MMAP_THRESHOLD_ set to this many bytes (glibc '
+                        'then returns freed large blocks to the system instead of keeping them in its heap)')
     p.add_argument('--dim', type=int, default=256)
     p.add_argument('--heads', type=int, default=8)
     p.add_argument('--tokens', type=int, default=49, help='P, tokens per image (7x7 map)')
@@ -282,7 +285,10 @@ def run_step_subprocess(args, impl, n):
     argv = [sys.executable, __file__, '--mode', 'step', '--_step', '--_one', f'{impl}:{n}', '--device', args.device,
             '--model', args.model, '--tokens', str(args.tokens), '--text-tokens', str(args.text_tokens),
             '--dtype', args.dtype, '--repeats', str(args.repeats)]
-    out = subprocess.run(argv, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env['MALLOC_MMAP_THRESHOLD_'] = str(args.malloc_mmap_threshold)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {'impl': impl, 'n': n, 'error': (out.stderr.strip().splitlines() or ['killed'])[-1][:60]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -316,7 +322,8 @@ def step_table(args):
     print(f"adapter step (forward + backward + dual-head loss, training mode) on {device_name}, {args.dtype}, "
           f"{args.model} adapter dims, D={args.dim}, P={args.tokens} image tokens, {args.text_tokens} text tokens; "
           f"time: {'first step' if args.repeats == 0 else f'median of {args.repeats} after a warm-up'}; "
-          f"memory: peak growth over model+inputs (whole process in brackets)")
+          f"memory: peak growth over model+inputs (whole process in brackets)"
+          + (f"; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold is not None else ''))
     header = f"{'N':>5} | " + ' | '.join(f"{impl + ' s':>12} | {impl + ' GiB':>18}" for impl in args.impls)
     print(header)
     print('-' * len(header))
