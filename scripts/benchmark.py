@@ -21,8 +21,9 @@ and PyTorch's ``nn.TransformerEncoderLayer`` forwards and the N*N pair head of `
 is ``RankAdapter`` as it is, "ours+ckpt" the same with ``set_grad_checkpointing(True)``. Memory: the process's
 peak RSS (fresh subprocess per row), shown as the growth over the built model and inputs and as the whole process.
 
-``--mode inference``: images/s of ``model.rank_scores`` (image tower + text tower + adapter, regression head)
-against the bare image tower's forward (``model.encode_image_tokens``), no gradients, random weights.
+``--mode inference``: images/s of scoring (image tower, the text tower once for the prompt, adapter, regression
+head: ``score_tokens(encode_image_tokens(images), encode_prompts(prompt))``, as the rank CLI does) against the bare
+image tower's forward (``model.encode_image_tokens``), no gradients, random weights.
 """
 import argparse
 import ast
@@ -364,16 +365,18 @@ def inference_table(args):
     print(f"inference on {torch.cuda.get_device_name() if args.device == 'cuda' else f'CPU ({os.cpu_count()} cores)'}, "
           f"{args.dtype}, {args.model} at {size[0]}x{size[1]}, no gradients; median of {max(args.repeats, 1)} "
           f"after a warm-up")
-    header = f"{'N':>5} | {'image tower img/s':>17} | {'rank_scores img/s':>17} | ratio"
+    header = f"{'N':>5} | {'image tower img/s':>17} | {'scoring img/s':>17} | ratio"
     print(header)
     print('-' * len(header))
     rows = []
     for n in args.batch_sizes:
         images = torch.randn(n, 3, *size, device=device, dtype=dtype)
-        texts = prompt.to(device).expand(n, -1)
+        texts = prompt.to(device)
         result = {}
+        # the rank CLI's path: the text tower once per prompt, the image tower and the adapter per image
         for what, fn in (('tower', lambda: model.encode_image_tokens(images)),
-                         ('adapter', lambda: model.rank_scores(images, texts))):
+                         ('adapter', lambda: model.score_tokens(model.encode_image_tokens(images),
+                                                                model.encode_prompts(texts)))):
             times = []
             with torch.no_grad():
                 for i in range(1 + max(args.repeats, 1)):
