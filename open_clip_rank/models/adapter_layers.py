@@ -92,6 +92,84 @@ def adapter_layers(quick_gelu: bool, cast_dtype: Optional[torch.dtype]):
     return act_layer, norm_layer
 
 
+def attention_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.Tensor, dropout_p: float = 0.0):
+    """``nn.MultiheadAttention(q_x, kv_x, kv_x, need_weights=False)`` (batch first, no mask) through
+    ``F.scaled_dot_product_attention``. Same weights (``in_proj_weight`` packed q|k|v, ``out_proj``), same math;
+    without dropout it takes the fused kernel, which keeps q, k, v, the output and the log-sum-exp for backward
+    (no [N, H, L, S] attention matrix). With dropout (``nn.TransformerEncoderLayer`` in training) it takes the
+    same math path as ``nn.MultiheadAttention`` does, so the dropout masks draw the same random numbers."""
+    n, length, width = q_x.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if kv_x is q_x:
+        q, k, v = F.linear(q_x, weight, bias).chunk(3, dim=-1)
+    else:
+        w_q, w_kv = weight.split([width, 2 * width])
+        b_q, b_kv = bias.split([width, 2 * width]) if bias is not None else (None, None)
+        q = F.linear(q_x, w_q, b_q)
+        k, v = F.linear(kv_x, w_kv, b_kv).chunk(2, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [N, H, L, d_head]
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    out = out.transpose(1, 2).reshape(n, length, width)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+class _ActLinear(torch.autograd.Function):
+    """``F.linear(act(h), weight, bias)`` keeping only ``h`` for backward: ``act(h)`` (elementwise, cheap) is
+    recomputed there instead of being stored next to ``h``. Same values and gradients as the two ops; under
+    autocast the linear runs in the dtype autocast gave it, as ``F.linear`` would."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, act):
+        with torch.no_grad():
+            a = act(h)
+            out = F.linear(a, weight, bias)  # autocast (if on) casts a, weight and bias here
+        ctx.act, ctx.compute_dtype, ctx.has_bias = act, out.dtype, bias is not None
+        ctx.save_for_backward(h, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(ctx.needs_input_grad[0])
+            a = ctx.act(h_).to(dt)
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_bias = grad_h = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_flat.t() @ a.detach().reshape(-1, a.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_flat.sum(dim=0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_a = grad_out @ weight.to(dt)
+            grad_h, = torch.autograd.grad(a, h_, grad_a)
+        return grad_h, grad_weight, grad_bias, None
+
+
+def act_linear(h: torch.Tensor, act: Callable, linear: nn.Linear) -> torch.Tensor:
+    if torch.is_grad_enabled() and (h.requires_grad or linear.weight.requires_grad):
+        return _ActLinear.apply(h, linear.weight, linear.bias, act)
+    return linear(act(h))
+
+
+class FusionBlock(ResidualAttentionBlock):
+    """OpenCLIP's ``ResidualAttentionBlock`` (same parameters and names, same math) with a leaner training step:
+    attention through ``F.scaled_dot_product_attention`` (``attention_heads``), the cross block's text LayerNorm
+    applied once for keys and values, and the MLP's activation recomputed in backward instead of stored."""
+
+    def forward(self, q_x: torch.Tensor, k_x: Optional[torch.Tensor] = None, v_x: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None):
+        if attn_mask is not None or (v_x is not None and v_x is not k_x):
+            return super().forward(q_x, k_x, v_x, attn_mask)  # not used by the adapter: OpenCLIP's own path
+        if k_x is not None and hasattr(self, 'ln_1_kv'):
+            k_x = self.ln_1_kv(k_x)
+        x = self.ln_1(q_x)
+        x = q_x + self.ls_1(attention_heads(self.attn, x, x if k_x is None else k_x))
+        h = self.mlp.c_fc(self.ln_2(x))
+        return x + self.ls_2(act_linear(h, self.mlp.gelu, self.mlp.c_proj))
+
+
 class CrossModalFusion(nn.Module):
     """Per layer: self-attention over image tokens, then image->text cross-attention; LN; projection."""
 
@@ -101,11 +179,10 @@ class CrossModalFusion(nn.Module):
         output_dim = output_dim or width
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([
-            ResidualAttentionBlock(width, heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer)
+            FusionBlock(width, heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer)
             for _ in range(layers)])
         self.cross_attn = nn.ModuleList([
-            ResidualAttentionBlock(
-                width, heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer, is_cross_attention=True)
+            FusionBlock(width, heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer, is_cross_attention=True)
             for _ in range(layers)])
         self.ln_final = norm_layer(width)
         # The official module allocates this with torch.empty and never initialises it.
@@ -115,13 +192,51 @@ class CrossModalFusion(nn.Module):
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         x = image_tokens
         for self_block, cross_block in zip(self.resblocks, self.cross_attn):
-            if self.grad_checkpointing and self.training:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(self_block, x, use_reentrant=False)
                 x = checkpoint(cross_block, x, text_tokens, text_tokens, use_reentrant=False)
             else:
                 x = self_block(x)
                 x = cross_block(x, k_x=text_tokens, v_x=text_tokens)
         return self.ln_final(x) @ self.projection.to(x.dtype)
+
+
+class PostFuseLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` (post-norm, same parameters and names) whose self-attention goes through
+    ``attention_heads``: the fused kernel when dropout is off, the same math (and dropout draws) as
+    ``nn.MultiheadAttention`` when it is on. Only the layout the adapter builds (batch first, post-norm, no masks)
+    takes this path; anything else, and inference without gradients (PyTorch's fused fast path), is the parent's."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if (src_mask is not None or src_key_padding_mask is not None or self.norm_first or not self.self_attn.batch_first
+                or not torch.is_grad_enabled()):
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        x = src
+        x = self.norm1(x + self._sa_block(x, None, None, is_causal))
+        x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        if attn_mask is not None or key_padding_mask is not None:
+            return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+        dropout_p = self.self_attn.dropout if self.training else 0.0
+        return self.dropout1(attention_heads(self.self_attn, x, x, dropout_p=dropout_p))
+
+
+class PostFuseEncoder(nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` of ``PostFuseLayer``s; with ``grad_checkpointing`` each layer is recomputed in
+    backward (random state preserved, so dropout draws the same masks)."""
+
+    grad_checkpointing = False
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()) or mask is not None \
+                or src_key_padding_mask is not None or self.norm is not None:
+            return super().forward(src, mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        x = src
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return x
 
 
 class RankAwarePairAttention(nn.Module):
@@ -228,9 +343,8 @@ class RankAdapter(nn.Module):
         if cfg.reg_token_method == 'null':
             self.post_fuse_block = nn.Identity()
         else:
-            layer = nn.TransformerEncoderLayer(
-                d_model=d, nhead=cfg.n_head, dim_feedforward=d, dropout=0.1, batch_first=True)
-            self.post_fuse_block = nn.TransformerEncoder(layer, num_layers=cfg.num_layers, enable_nested_tensor=False)
+            layer = PostFuseLayer(d_model=d, nhead=cfg.n_head, dim_feedforward=d, dropout=0.1, batch_first=True)
+            self.post_fuse_block = PostFuseEncoder(layer, num_layers=cfg.num_layers, enable_nested_tensor=False)
         self.pooler = cfg.adapter_attention_pooler
         if self.pooler == 'rank-attn':
             self.reg_tokens = nn.Parameter(d ** -0.5 * torch.randn(cfg.n_reg_tokens, d))
@@ -243,7 +357,10 @@ class RankAdapter(nn.Module):
         self.regressor = ScoreMLP(d, norm_layer)
 
     def set_grad_checkpointing(self, enable: bool = True):
+        """``--grad-checkpointing``: the fusion blocks and the post-fusion encoder layers recompute in backward."""
         self.crossmodal_block.grad_checkpointing = enable
+        if isinstance(self.post_fuse_block, PostFuseEncoder):
+            self.post_fuse_block.grad_checkpointing = enable
 
     def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """[N, P, D] image tokens conditioned on [N, T, D] text tokens -> [N, P, D]."""
