@@ -130,32 +130,33 @@ def _from_openclip_checkout(module):
     return not module.__name__.startswith('training.') or _bootstrap._is_openclip_checkout(sys.modules['training'])
 
 
-def _patch_training_module(module):
-    """Wrap the module's patch point once (the ``training`` alias shares ``open_clip_train``'s modules)."""
+def _wrap_patch_point(module, find_name, make_wrapper):
+    """Wrap one patch point of a training module, once (the ``training`` alias shares ``open_clip_train``'s
+    modules); ``find_name(module, version)`` is compat's check, ``make_wrapper(name, original)`` the dispatch."""
     if not _from_openclip_checkout(module):
         return
     import open_clip
-    name = compat.training_patch_point(module, open_clip.__version__)
+    name = find_name(module, open_clip.__version__)
     original = getattr(module, name)
     if compat.is_patched(original):
         return
     compat.check_training_package(module.__name__.rsplit('.', 1)[0], open_clip.__version__)
-    wrapper = {'parse_args': _parse_args, 'get_data': _get_data, 'evaluate': _evaluate,
-               'init_distributed_device': _init_distributed_device, 'setup_logging': _setup_logging,
-               'pt_load': _pt_load}[name](original)
-    setattr(module, name, compat.wraps_once(original)(wrapper))
+    setattr(module, name, compat.wraps_once(original)(make_wrapper(name, original)))
+
+
+def _patch_training_module(module):
+    wrappers = {'parse_args': _parse_args, 'get_data': _get_data, 'evaluate': _evaluate,
+                'init_distributed_device': _init_distributed_device, 'setup_logging': _setup_logging,
+                'pt_load': _pt_load}
+    _wrap_patch_point(module, compat.training_patch_point, lambda name, original: wrappers[name](original))
 
 
 def _patch_train_one_epoch(module):
-    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``."""
-    if not _from_openclip_checkout(module):
-        return
-    import open_clip
-    name = compat.epoch_patch_point(module, open_clip.__version__)
-    original = getattr(module, name)
-    if compat.is_patched(original):
-        return
+    _wrap_patch_point(module, compat.epoch_patch_point, lambda name, original: _train_one_epoch(original))
 
+
+def _train_one_epoch(original):
+    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``."""
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         start_epoch = getattr(loss, 'start_epoch', None)
         if callable(start_epoch):
@@ -164,7 +165,7 @@ def _patch_train_one_epoch(module):
         return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                         tb_writer=tb_writer)
 
-    setattr(module, name, compat.wraps_once(original)(train_one_epoch))
+    return train_one_epoch
 
 
 def _fix_zero_shot(module):
