@@ -15,10 +15,17 @@ SIDE = 480  # heat-map side in pixels
 BAR_WIDTH = 18
 
 
+WHITE, DARK_RED = np.array([255, 255, 255]), np.array([103, 0, 13])
+
+
+def _colours(t):
+    """White -> dark red (as the official ``Reds`` pictures) for values t in [0, 1], any shape -> [..., 3] uint8."""
+    t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0)[..., None]
+    return (WHITE - (WHITE - DARK_RED) * t).astype(np.uint8)
+
+
 def _colour(t: float):
-    """White -> dark red, as the official ``Reds`` pictures."""
-    t = float(np.clip(t, 0.0, 1.0))
-    return (int(255 - 152 * t), int(255 - 255 * t), int(255 - 242 * t))
+    return tuple(int(c) for c in _colours(t))
 
 
 def _ticks(n: int, count: int = 6):
@@ -45,11 +52,7 @@ def heatmap_png(matrix, path, title: str, x_label: str, y_label: str, value_labe
     rows, cols = matrix.shape
     lo, hi = float(np.nanmin(matrix)), float(np.nanmax(matrix))
     scaled = (matrix - lo) / (hi - lo) if hi > lo else np.zeros_like(matrix)
-    pixels = np.zeros((rows, cols, 3), dtype=np.uint8)
-    for i in range(rows):
-        for j in range(cols):
-            pixels[i, j] = _colour(scaled[i, j])
-    cells = Image.fromarray(pixels).resize((SIDE, SIDE), Image.NEAREST)
+    cells = Image.fromarray(_colours(scaled)).resize((SIDE, SIDE), Image.NEAREST)
     canvas = Image.new('RGB', (MARGIN_LEFT + SIDE + MARGIN_RIGHT, MARGIN_TOP + SIDE + MARGIN_BOTTOM), 'white')
     canvas.paste(cells, (MARGIN_LEFT, MARGIN_TOP))
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
