@@ -16,6 +16,28 @@ from .table import RankTable
 _logger = logging.getLogger(__name__)
 
 
+def load_image_or_skip(dataset, path, transform):
+    """The transformed image, or None for an unreadable or truncated file: skipped, counted on
+    ``dataset.num_skipped`` and logged, so training keeps going."""
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert('RGB'))
+    except Exception as err:
+        dataset.num_skipped += 1
+        _logger.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
+                        f"{dataset.num_skipped} skipped so far in this data worker.")
+        return None
+
+
+def first_readable(load, candidates):
+    """(candidate, image) of the first candidate whose image reads; (None, None) when none does."""
+    for candidate in candidates:
+        image = load(candidate)
+        if image is not None:
+            return candidate, image
+    return None, None
+
+
 class RankDataset(Dataset):
     """Map-style dataset indexed by (row, batch_category) keys or plain row numbers.
 
@@ -47,29 +69,21 @@ class RankDataset(Dataset):
         return f"{caption.replace('.', '')} by the relevance count to {reference}.", abs(target - reference)
 
     def _load_image(self, row):
-        path = self.table.paths[row]
-        try:
-            with Image.open(path) as image:
-                return self.transform(image.convert('RGB'))
-        except Exception as err:  # unreadable or truncated file: skip, count, keep training
-            self.num_skipped += 1
-            _logger.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
-                            f"{self.num_skipped} skipped so far in this data worker.")
-            return None
+        return load_image_or_skip(self, self.table.paths[row], self.transform)
+
+    def _candidates(self, row):
+        """The row, then (in training) the other rows of its category, in order after it."""
+        yield row
+        if self.replace_unreadable:
+            same = self.table.rows_of(self.table.category_ids[row])
+            start = int(np.searchsorted(same, row))
+            for step in range(1, len(same)):
+                yield int(same[(start + step) % len(same)])
 
     def __getitem__(self, key):
         row, batch_category, *relevance = key if isinstance(key, tuple) else (key, -1)
         reference = relevance[0] if relevance else -1
-        image = self._load_image(row)
-        if image is None and self.replace_unreadable:
-            same = self.table.rows_of(self.table.category_ids[row])
-            start = int(np.searchsorted(same, row))
-            for step in range(1, len(same)):
-                candidate = int(same[(start + step) % len(same)])
-                image = self._load_image(candidate)
-                if image is not None:
-                    row = candidate
-                    break
+        row, image = first_readable(self._load_image, self._candidates(row))
         if image is None:
             return None
         caption, target, category = self._caption(row, batch_category)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..models.ordinal import OrdinalTargets
+from .dataset import first_readable, load_image_or_skip
 from .table import RankDataError, _preview
 
 _logger = logging.getLogger(__name__)
@@ -127,15 +127,14 @@ class OrdinalDataset(Dataset):
         return len(self.table)
 
     def _load(self, index):
-        path = self.table.paths[index]
-        try:
-            with Image.open(path) as image:
-                return self.transform(image.convert('RGB'))
-        except Exception as err:  # unreadable or truncated: skip, count, keep going
-            self.num_skipped += 1
-            _logger.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
-                            f"{self.num_skipped} skipped so far in this data worker.")
-            return None
+        return load_image_or_skip(self, self.table.paths[index], self.transform)
+
+    def _candidates(self, index):
+        """The image, then (in training) every later one, wrapping around: lazily, only on a failure."""
+        yield index
+        if self.train:
+            for step in range(1, len(self.table)):
+                yield (index + step) % len(self.table)
 
     def _label(self, index):
         if self.train:
@@ -143,14 +142,7 @@ class OrdinalDataset(Dataset):
         return self.eval_labels[index]
 
     def __getitem__(self, index):
-        image = self._load(index)
-        if image is None and self.train:
-            for step in range(1, len(self.table)):
-                candidate = (index + step) % len(self.table)
-                image = self._load(candidate)
-                if image is not None:
-                    index = candidate
-                    break
+        index, image = first_readable(self._load, self._candidates(index))
         if image is None:
             return None
         return image, self._label(index)
