@@ -1,7 +1,5 @@
 """--rank-global-pairs: one category per step on every rank, the gathered pair loss equals the single-process loss
 on the concatenated batch (values and DDP-averaged gradients, 2 gloo processes), flag validation."""
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 import torch
 
 import open_clip
-from conftest import subprocess_env
+from conftest import run_gloo_worker
 from open_clip_rank.data import RankBatchSampler, RankTable
 from open_clip_rank.losses import RankingLoss, create_loss
 from open_clip_rank.models.base import RankTexts
@@ -21,12 +19,6 @@ sys.path.insert(0, str(WORKER.parent))
 import global_pairs_worker  # noqa: E402
 
 CASES = tuple(global_pairs_worker.CASES)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _table(sizes):
@@ -97,9 +89,8 @@ def test_one_process_global_pairs_equal_the_default_loss(head):
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('global_pairs')
-    result = subprocess.run([sys.executable, str(WORKER), str(out), str(_free_port())], env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)  # a hang guard only
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_gloo_worker(WORKER, out, [f'single_{case}' for case in CASES] + [f'{case}_rank{r}' for case in CASES
+                                                                          for r in range(2)])
     return lambda name: torch.load(out / f'{name}.pt')
 
 

@@ -1,29 +1,19 @@
 """RankCLIP across 2 gloo processes equals the single-process loss on the concatenated batch."""
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import subprocess_env
+from conftest import run_gloo_worker
+from rankclip_ddp_worker import MODES
 
 WORKER = Path(__file__).resolve().parent / 'rankclip_ddp_worker.py'
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('rankclip_ddp')
-    result = subprocess.run([sys.executable, str(WORKER), str(out), str(_free_port())], env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)  # a hang guard only
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_gloo_worker(WORKER, out, ['single'] + [f'{mode}_rank{r}' for mode in MODES for r in range(2)])
 
     def load(name):
         return torch.load(out / f'{name}.pt')

@@ -1,8 +1,7 @@
 """``training`` (the original fork's source-checkout name) is an alias of the installed ``open_clip_train``."""
-import socket
 import sys
 
-from conftest import TEST_CONFIG_DIR, isolated_python as _isolated_python, run as _run, subprocess_env
+from conftest import TEST_CONFIG_DIR, free_port, isolated_python as _isolated_python, run as _run, subprocess_env
 from rank_data_helpers import write_rank_csv
 
 
@@ -68,16 +67,10 @@ def test_a_real_training_package_wins(target_install, tmp_path):
     assert result.stdout.split() == ['USER-TRAINING-MAIN', 'True', 'True']
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_training_main_trains_one_epoch(tmp_path):
     """The original fork's command line, with this environment's install (its .pth processed)."""
     train = write_rank_csv(str(tmp_path), per_count=4, name='train.csv')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1', '--master_port', str(_free_port()),
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1', '--master_port', str(free_port()),
            '-m', 'training.main', '--model', 'tiny-vit-adapter', '--dataset-type', 'csv',
            '--csv-dataset-sample-type', 'rank', '--train-data', train, '--batch-size', '8', '--lr', '1e-3',
            '--warmup', '2', '--workers', '1', '--epochs', '1', '--loss-opt', 'dual-head',
