@@ -13,7 +13,8 @@ Views: the rank train transform flips at random. Both views (no flip, horizontal
 the tower on both, and each epoch draws the view with the same probability as ``RandomHorizontalFlip`` (p=0.5).
 The flip of the normalised tensor equals the tensor of the flipped (resized) image, so the views are exact.
 
-The text side is always computed (one instruction per batch; negatives re-word their captions).
+The text side is always computed (one instruction per batch; negatives re-word their captions), once per distinct
+caption (``models.towers.encode_distinct_texts``).
 
 Storage, per directory ``DIR/<key hash>/``, per process rank ``r``: ``rank{r}.tokens`` (raw [rows, 2, *shape]
 fp16 / bf16 / fp32), ``rank{r}.index`` ([rows, 2] uint32: CRC32 of the entry, state 1 = complete) and
@@ -273,16 +274,6 @@ def tower_features_from_batch(visual: nn.Module, batch: CachedImages, tower_fn) 
         if batch.cache_path:
             open_cache(batch.cache_path, writable=True).hits += len(hit_pos)
     return out
-
-
-def encode_unique_texts(encode_text_tokens, text: torch.Tensor):
-    """``encode_text_tokens(text)`` computed once per distinct caption (a rank batch holds one instruction, and
-    its negatives' re-worded captions): the same values and gradients (the gather sums them), less compute."""
-    unique, inverse = torch.unique(text, dim=0, return_inverse=True)
-    if unique.shape[0] == text.shape[0]:
-        return encode_text_tokens(text)
-    features, tokens = encode_text_tokens(unique)
-    return features[inverse], tokens[inverse]
 
 
 # --- what may be cached ---------------------------------------------------------------------------------

@@ -167,3 +167,61 @@ def test_state_dict_names_are_unchanged():
     assert isinstance(adapter.post_fuse_block.layers[0], nn.TransformerEncoderLayer)
     assert 'crossmodal_block.cross_attn.0.ln_1_kv.weight' in reference
     assert 'post_fuse_block.layers.1.self_attn.in_proj_weight' in reference
+
+
+@pytest.mark.parametrize('ckpt', [False, True])
+def test_text_side_once_per_distinct_text_gives_the_same_values_and_gradients(ckpt):
+    # a rank batch shares one instruction (and its negatives' re-worded one): the fusion's text LayerNorm and
+    # key/value projections run on the U distinct texts, gathered per image; values and gradients (the gather's
+    # backward sums the images' contributions into their text) equal one text row per image
+    # (float64, so that the different summation order of the shared path is far below the tolerance)
+    torch.manual_seed(0)
+    adapter = _adapter().double().train()
+    adapter.post_fuse_block.eval()  # no dropout: both runs see the same function
+    adapter.set_grad_checkpointing(ckpt)
+    images = torch.randn(5, 6, 32, dtype=torch.float64, requires_grad=True)
+    distinct = torch.randn(2, 4, 32, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 1, 0, 0, 1])
+
+    def run(texts, text_index):
+        adapter.zero_grad(set_to_none=True)
+        images.grad = distinct.grad = None
+        scores, pairs = adapter(images, texts, text_index=text_index)
+        (scores.square().sum() + pairs.sin().sum()).backward()
+        grads = {k: p.grad.clone() for k, p in adapter.named_parameters() if p.grad is not None}
+        grads.update(scores=scores.detach(), pairs=pairs.detach(), images=images.grad.clone(),
+                     texts=distinct.grad.clone())
+        return grads
+
+    def assert_same(ours, ref):
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(ours[key], ref[key], rtol=1e-10, atol=1e-12)
+
+    assert_same(run(distinct, index), run(distinct[index], None))
+    # one text for every image: a [1, T, D] row is broadcast (no index, no copy)
+    assert_same(run(distinct[:1], None), run(distinct[:1].expand(5, -1, -1), None))
+    with pytest.raises(ValueError, match='2 key/value rows for 5 query rows'):
+        adapter(images, distinct)
+
+
+def test_rank_forward_encodes_each_distinct_caption_once():
+    import open_clip
+    import open_clip_rank  # noqa: F401
+    from open_clip_rank.models.base import RankTexts
+    torch.manual_seed(0)
+    model = open_clip.create_model('tiny-vit-adapter').eval()
+    seen = []
+    encode = model.encode_text_tokens
+    model.encode_text_tokens = lambda text: (seen.append(text.shape[0]), encode(text))[1]
+    tokens = torch.randint(1, 100, (2, 16))
+    batch = RankTexts(tokens[torch.tensor([0, 0, 1, 0])], torch.arange(4.), torch.zeros(4, dtype=torch.long))
+    images = torch.randn(4, 3, 32, 32)
+    out = model(images, batch)
+    assert seen == [2]
+    model.encode_text_tokens = encode
+    features, text_tokens = encode(batch.tokens)
+    torch.testing.assert_close(out['text_features'], features)
+    scores, pairs = model.adapter(model.encode_image_tokens(images), text_tokens)
+    torch.testing.assert_close(out['rank_scores'], scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out['pair_logits'], pairs, rtol=1e-5, atol=1e-6)

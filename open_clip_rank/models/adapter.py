@@ -17,11 +17,11 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower, text_global_pool
 
 from .. import compat
-from ..feature_cache import CachedImages, encode_unique_texts, note_image_tower_locked, tower_features_from_batch
+from ..feature_cache import CachedImages, note_image_tower_locked, tower_features_from_batch
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
-from .towers import (emit_tokens, image_tokens, image_tower_features, tokens_from_tower_features,
-                     trainable_after_tower_features)
+from .towers import (emit_tokens, encode_distinct_texts, image_tokens, image_tower_features,
+                     tokens_from_tower_features, trainable_after_tower_features)
 
 _logger = logging.getLogger(__name__)
 
@@ -196,18 +196,19 @@ class RankAdapterMixin(RankModel):
             global_pairs = with_pairs and text.global_pairs
             text = text.tokens
         tokens = self.encode_image_tokens(image)
-        if isinstance(image, CachedImages):  # cached image side: the text side, once per distinct caption
-            text_features, text_tokens = encode_unique_texts(self.encode_text_tokens, text)
-        else:
-            text_features, text_tokens = self.encode_text_tokens(text)
+        # the text side once per distinct caption: the text tower and the fusion's key/value projections
+        text_features, text_tokens, text_index = encode_distinct_texts(self.encode_text_tokens, text)
+        if text_index is not None:
+            text_features = text_features[text_index]
+        text_tokens = text_tokens.to(tokens.dtype)
         if global_pairs:
             # --rank-global-pairs: per-image pair summaries (o [N, H, Q, d] and L [N, H, Q]; the token mean for
             # the 'null' pooler) and the pair head, instead of the local [N, N] logits; the loss gathers the
             # summaries of all processes and forms the pairs (losses/ranking.py).
-            fused = self.adapter.fuse(tokens, text_tokens.to(tokens.dtype))
+            fused = self.adapter.fuse(tokens, text_tokens, text_index)
             scores, pair_logits = self.adapter.scores(fused), None
         else:
-            scores, pair_logits = self.adapter(tokens, text_tokens.to(tokens.dtype), with_pairs)
+            scores, pair_logits = self.adapter(tokens, text_tokens, with_pairs, text_index)
         out = AdapterOutput(rank_scores=scores, image_tokens=tokens, text_features=text_features,
                             logit_scale=self.logit_scale.exp())
         if pair_logits is not None:
@@ -257,10 +258,8 @@ class RankAdapterMixin(RankModel):
         return self.adapter.pair_logits_between(summaries_i, summaries_j)
 
     def _fuse(self, image_tokens, prompts):
-        prompts = prompts.to(image_tokens.dtype)
-        if prompts.shape[0] == 1 and image_tokens.shape[0] != 1:
-            prompts = prompts.expand(image_tokens.shape[0], -1, -1)
-        return self.adapter.fuse(image_tokens, prompts)
+        # one prompt for all images stays one row: the fusion's text side runs once, not once per image
+        return self.adapter.fuse(image_tokens, prompts.to(image_tokens.dtype))
 
 
 class RankAdapterCLIP(RankAdapterMixin, CLIP):

@@ -92,12 +92,18 @@ def adapter_layers(quick_gelu: bool, cast_dtype: Optional[torch.dtype]):
     return act_layer, norm_layer
 
 
-def attention_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.Tensor, dropout_p: float = 0.0):
+def attention_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.Tensor, dropout_p: float = 0.0,
+                    kv_index: Optional[torch.Tensor] = None):
     """``nn.MultiheadAttention(q_x, kv_x, kv_x, need_weights=False)`` (batch first, no mask) through
     ``F.scaled_dot_product_attention``. Same weights (``in_proj_weight`` packed q|k|v, ``out_proj``), same math;
     without dropout it takes the fused kernel, which keeps q, k, v, the output and the log-sum-exp for backward
     (no [N, H, L, S] attention matrix). With dropout (``nn.TransformerEncoderLayer`` in training) it takes the
-    same math path as ``nn.MultiheadAttention`` does, so the dropout masks draw the same random numbers."""
+    same math path as ``nn.MultiheadAttention`` does, so the dropout masks draw the same random numbers.
+
+    Cross-attention over shared key/value rows: ``kv_x`` may hold U distinct rows for the N query rows, with
+    ``kv_index`` [N] naming each query row's one (or U = 1 and no index: one for all). Keys and values are then
+    projected once per distinct row, not once per image (a rank batch shares one instruction): the same values,
+    and the same gradients (the gather's backward sums the rows' contributions)."""
     n, length, width = q_x.shape
     heads = attn.num_heads
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
@@ -108,10 +114,23 @@ def attention_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.
         b_q, b_kv = bias.split([width, 2 * width]) if bias is not None else (None, None)
         q = F.linear(q_x, w_q, b_q)
         k, v = F.linear(kv_x, w_kv, b_kv).chunk(2, dim=-1)
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [N, H, L, d_head]
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [rows, H, L, d_head]
+    k, v = (rows_for_queries(t, n, kv_index) for t in (k, v))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     out = out.transpose(1, 2).reshape(n, length, width)
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def rows_for_queries(rows: torch.Tensor, n: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """[U, ...] shared rows -> [N, ...], one per query row: gathered by ``index``, or one row broadcast (a view,
+    no copy); N rows and no index pass through."""
+    if index is not None:
+        return rows.index_select(0, index.to(rows.device))
+    if rows.shape[0] == n:
+        return rows
+    if rows.shape[0] == 1:
+        return rows.expand(n, *rows.shape[1:])
+    raise ValueError(f"{rows.shape[0]} key/value rows for {n} query rows: pass an index naming each query's row.")
 
 
 class _ActLinear(torch.autograd.Function):
@@ -159,13 +178,17 @@ class FusionBlock(ResidualAttentionBlock):
     applied once for keys and values, and the MLP's activation recomputed in backward instead of stored."""
 
     def forward(self, q_x: torch.Tensor, k_x: Optional[torch.Tensor] = None, v_x: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None):
+                attn_mask: Optional[torch.Tensor] = None, kv_index: Optional[torch.Tensor] = None):
+        """``kv_index``: ``k_x`` holds distinct text rows, ``kv_index`` [N] names each image's (``attention_heads``);
+        the key LayerNorm and the key/value projection then run once per distinct text."""
         if attn_mask is not None or (v_x is not None and v_x is not k_x):
+            if kv_index is not None or k_x is not None and k_x.shape[0] != q_x.shape[0]:
+                raise ValueError("shared key/value rows need the adapter's own path (no attn_mask, v_x is k_x).")
             return super().forward(q_x, k_x, v_x, attn_mask)  # not used by the adapter: OpenCLIP's own path
         if k_x is not None and hasattr(self, 'ln_1_kv'):
             k_x = self.ln_1_kv(k_x)
         x = self.ln_1(q_x)
-        x = q_x + self.ls_1(attention_heads(self.attn, x, x if k_x is None else k_x))
+        x = q_x + self.ls_1(attention_heads(self.attn, x, x if k_x is None else k_x, kv_index=kv_index))
         h = self.mlp.c_fc(self.ln_2(x))
         return x + self.ls_2(act_linear(h, self.mlp.gelu, self.mlp.c_proj))
 
@@ -189,15 +212,18 @@ class CrossModalFusion(nn.Module):
         self.projection = nn.Parameter(torch.empty(width, output_dim))
         nn.init.normal_(self.projection, std=width ** -0.5)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                text_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, P, D] image tokens attend to text tokens: [N, T, D], or U distinct texts [U, T, D] with
+        ``text_index`` [N] (or U = 1: one text for all)."""
         x = image_tokens
         for self_block, cross_block in zip(self.resblocks, self.cross_attn):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(self_block, x, use_reentrant=False)
-                x = checkpoint(cross_block, x, text_tokens, text_tokens, use_reentrant=False)
+                x = checkpoint(cross_block, x, text_tokens, text_tokens, None, text_index, use_reentrant=False)
             else:
                 x = self_block(x)
-                x = cross_block(x, k_x=text_tokens, v_x=text_tokens)
+                x = cross_block(x, k_x=text_tokens, v_x=text_tokens, kv_index=text_index)
         return self.ln_final(x) @ self.projection.to(x.dtype)
 
 
@@ -362,13 +388,16 @@ class RankAdapter(nn.Module):
         if isinstance(self.post_fuse_block, PostFuseEncoder):
             self.post_fuse_block.grad_checkpointing = enable
 
-    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
-        """[N, P, D] image tokens conditioned on [N, T, D] text tokens -> [N, P, D]."""
+    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+             text_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, P, D] image tokens conditioned on text tokens -> [N, P, D]. ``text_tokens`` is [N, T, D] (one text
+        per image), [1, T, D] (one for all) or [U, T, D] distinct texts with ``text_index`` [N] naming each
+        image's: the text side of the fusion runs once per distinct text."""
         if self.learnable_text_tokens is not None:
-            n, _, width = text_tokens.shape
-            prefix = self.learnable_text_tokens.to(text_tokens.dtype).view(1, -1, 1).expand(n, -1, width)
+            rows, _, width = text_tokens.shape
+            prefix = self.learnable_text_tokens.to(text_tokens.dtype).view(1, -1, 1).expand(rows, -1, width)
             text_tokens = torch.cat([prefix, text_tokens], dim=1)
-        x = self.crossmodal_block(image_tokens, text_tokens)
+        x = self.crossmodal_block(image_tokens, text_tokens, text_index)
         return self.post_fuse_block(x)
 
     def scores(self, fused: torch.Tensor) -> torch.Tensor:
@@ -395,7 +424,7 @@ class RankAdapter(nn.Module):
         pair = self.reg_token_pooler.pair_features(values_i, log_norm_i, values_j, log_norm_j, self.reg_tokens.shape[0])
         return self.pair_regressor(pair).squeeze(-1)
 
-    def forward(self, image_tokens, text_tokens, with_pairs: bool = True):
-        fused = self.fuse(image_tokens, text_tokens)
+    def forward(self, image_tokens, text_tokens, with_pairs: bool = True, text_index: Optional[torch.Tensor] = None):
+        fused = self.fuse(image_tokens, text_tokens, text_index)
         pair_logits = self.pair_logits(fused) if with_pairs else None
         return self.scores(fused), pair_logits

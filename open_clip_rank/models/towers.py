@@ -90,3 +90,16 @@ def encode_text_embeddings(model, tokens: torch.Tensor, fill) -> torch.Tensor:
         return model.encode_text(tokens)
     finally:
         handle.remove()
+
+
+def encode_distinct_texts(encode_text_tokens, text: torch.Tensor):
+    """``encode_text_tokens(text)`` once per distinct caption of the batch (a rank batch holds one instruction and
+    its negatives' re-worded captions) -> (features [U, E], tokens [U, L, W], index [N] naming each row's caption,
+    or None when every caption differs and U = N). Same values and gradients as encoding every row: the gather's
+    backward sums the rows' gradients into their caption's."""
+    unique, index = torch.unique(text, dim=0, return_inverse=True)
+    if unique.shape[0] == text.shape[0]:
+        features, tokens = encode_text_tokens(text)
+        return features, tokens, None
+    features, tokens = encode_text_tokens(unique)
+    return features, tokens, index.to(tokens.device)
