@@ -242,6 +242,19 @@ def register_open(cache: FeatureCache) -> None:
     _OPEN[(os.getpid(), cache.header_path, True)] = cache
 
 
+def log_epoch_usage(epoch: int) -> None:
+    """After a training epoch (OpenCLIP's 0-based number): one line per cache this process fills, saying how many
+    images came from the cache and how many ran the tower; the counters then restart."""
+    for (pid, path, writable), cache in _OPEN.items():
+        seen = cache.hits + cache.misses
+        if pid != os.getpid() or not writable or not seen:
+            continue
+        _logger.info(f"Feature cache, epoch {epoch}: {cache.hits} of {seen} images from the cache "
+                     f"({cache.hits / seen:.0%}), {cache.misses} through the tower; {cache.num_complete()} of "
+                     f"{len(cache)} rows stored ({os.path.dirname(path)}).")
+        cache.hits = cache.misses = 0
+
+
 # --- the model side ------------------------------------------------------------------------------------
 
 def tower_features_from_batch(visual: nn.Module, batch: CachedImages, tower_fn) -> torch.Tensor:

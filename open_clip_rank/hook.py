@@ -156,14 +156,19 @@ def _patch_train_one_epoch(module):
 
 
 def _train_one_epoch(original):
-    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``."""
+    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``; after it,
+    ``--rank-feature-cache`` logs the epoch's cache use."""
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         start_epoch = getattr(loss, 'start_epoch', None)
         if callable(start_epoch):
             steps = getattr(data['train'].dataloader, 'num_batches', 0) // args.accum_freq
             start_epoch(epoch, args, tb_writer=tb_writer, step=steps * epoch)
-        return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
-                        tb_writer=tb_writer)
+        result = original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                          tb_writer=tb_writer)
+        if getattr(args, 'rank_feature_cache', None):
+            from .feature_cache import log_epoch_usage
+            log_epoch_usage(epoch)
+        return result
 
     return train_one_epoch
 

@@ -2,6 +2,7 @@
 and a training run through OpenCLIP's main (tiny configs, CPU)."""
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TEST_CONFIG_DIR, subprocess_env
+from conftest import TEST_CONFIG_DIR, free_port, subprocess_env
 from rank_data_helpers import write_rank_csv
 from open_clip_rank.data.cached import CachedRankDataset, collate_cached_rank_batch
 from open_clip_rank.data.dataset import RankDataset, collate_rank_batch
@@ -275,6 +276,10 @@ def test_training_run_with_the_cache(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     log = (tmp_path / 'logs' / 'second' / 'out.log').read_text()
     assert 'reusing it' in log and ' 0 of 24 entries complete' not in log
+    # each epoch says how many images came from the cache; the second run's come mostly from it
+    usage = re.findall(r'Feature cache, epoch (\d): (\d+) of (\d+) images from the cache', log)
+    assert [int(e) for e, _, _ in usage] == [0, 1], log[-2000:]
+    assert all(int(seen) > 0 for _, _, seen in usage) and int(usage[-1][1]) > 0
     refused = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir), '--lock-image-unlocked-groups',
                       '1'], tmp_path, 'refused')
     assert refused.returncode != 0 and '--rank-feature-cache' in refused.stderr
@@ -283,7 +288,7 @@ def test_training_run_with_the_cache(tmp_path):
 def test_two_process_ddp_with_the_cache(tmp_path):
     train = write_rank_csv(str(tmp_path / 'data'), per_count=2)  # 24 rows
     cache_dir = tmp_path / 'cache'
-    launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
+    launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
                 '-m', 'open_clip_train.main')
     result = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir), '--dist-backend', 'gloo',
                      '--loss-opt', 'dual-head'], tmp_path, 'ddp', launcher=launcher)
