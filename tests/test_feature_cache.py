@@ -29,11 +29,11 @@ def csv_path(tmp_path_factory):
     return write_rank_csv(str(tmp_path_factory.mktemp('cachedata')), per_count=1)  # 12 rows
 
 
-def _model(seed=0, strict=False):
+def _model(seed=0, strict=False, name=MODEL):
     torch.manual_seed(seed)
     set_tower_lock_policy(strict)
     try:
-        model, _, preprocess_val = open_clip.create_model_and_transforms(MODEL)
+        model, _, preprocess_val = open_clip.create_model_and_transforms(name)
         model.lock_image_tower()
     finally:
         set_tower_lock_policy(False)
@@ -46,12 +46,12 @@ def _args(cache_dir, dtype='fp16', model=MODEL):
                               rank_feature_cache_dtype=dtype)
 
 
-def _setup(csv_path, cache_dir, dtype='fp16', seed=0, strict=False):
-    model, preprocess_val = _model(seed, strict)
+def _setup(csv_path, cache_dir, dtype='fp16', seed=0, strict=False, name=MODEL):
+    model, preprocess_val = _model(seed, strict, name)
     table = load_rank_table(csv_path)
     _, transform = rank_transforms(preprocess_val)
-    cache = build_cache(_args(cache_dir, dtype), model, table, transform)
-    tokenizer = open_clip.get_tokenizer(MODEL)
+    cache = build_cache(_args(cache_dir, dtype, name), model, table, transform)
+    tokenizer = open_clip.get_tokenizer(name)
     dataset = CachedRankDataset(table, transform, tokenizer, cache.header_path)
     return model, table, transform, tokenizer, cache, dataset
 
@@ -122,6 +122,24 @@ def test_outputs_and_gradients_equal_the_uncached_path(csv_path, tmp_path, dtype
         assert 'visual.proj' in plain_grads and plain_grads.keys() == cached_grads.keys()
         for name, grad in plain_grads.items():
             torch.testing.assert_close(cached_grads[name], grad, atol=exact, rtol=exact)
+
+
+def test_timm_trunk_cached_outputs_equal_the_uncached_path(csv_path, tmp_path):
+    # a timm tower (the paper's ConvNeXt family): its un-pooled trunk map is what is cached
+    model, table, transform, tokenizer, cache, dataset = _setup(csv_path, tmp_path, 'fp32', name='tiny-convnext-adapter')
+    model.eval()  # timm_drop / drop_path are 0; eval keeps the adapter's dropout out of the comparison
+    keys = [(1, -1), (4, -1), (8, 0)]
+    for seed in (0, 5):
+        images, texts = _batch(dataset, cache, keys, seed)
+        assert bool(images.hit.all()) == (seed == 5)
+        pixels, plain_texts = _uncached_batch(table, transform, tokenizer, images, keys)
+        cached_out, cached_grads = _forward_backward(model, images, texts)
+        plain_out, plain_grads = _forward_backward(model, pixels, plain_texts)
+        for name in ('rank_scores', 'pair_logits', 'image_tokens'):
+            torch.testing.assert_close(cached_out[name], plain_out[name], atol=1e-5, rtol=1e-5)
+        assert plain_grads and plain_grads.keys() == cached_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(cached_grads[name], grad, atol=1e-5, rtol=1e-5)
 
 
 def test_strict_lock_caches_too(csv_path, tmp_path):
