@@ -225,3 +225,62 @@ def test_rank_forward_encodes_each_distinct_caption_once():
     scores, pairs = model.adapter(model.encode_image_tokens(images), text_tokens)
     torch.testing.assert_close(out['rank_scores'], scores, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out['pair_logits'], pairs, rtol=1e-5, atol=1e-6)
+
+
+def _counting_text_encoder(model):
+    calls = []
+    encode = model.encode_text_tokens
+    model.encode_text_tokens = lambda text: (calls.append(text.shape[0]), encode(text))[1]
+    return calls, encode
+
+
+def test_frozen_text_tower_is_encoded_once_per_caption_while_it_cannot_change():
+    import open_clip
+    import open_clip_rank  # noqa: F401
+    from open_clip_rank.models.adapter import set_tower_lock_policy
+    from open_clip_rank.models.base import RankTexts
+    torch.manual_seed(0)
+    model = open_clip.create_model('tiny-vit-adapter').train()
+    set_tower_lock_policy(True)  # --strict-tower-lock: the whole text tower frozen
+    try:
+        model.lock_text_tower()
+    finally:
+        set_tower_lock_policy(False)
+    model.adapter.eval()  # no adapter dropout: scores comparable between calls (the text tower stays in train mode)
+    calls, encode = _counting_text_encoder(model)
+    captions = torch.randint(1, 100, (2, 16))
+    images = torch.randn(4, 3, 32, 32)
+
+    def batch(rows):
+        return RankTexts(captions[torch.tensor(rows)], torch.arange(len(rows), dtype=torch.float32),
+                         torch.zeros(len(rows), dtype=torch.long))
+
+    first = model(images, batch([0, 0, 1, 0]))
+    second = model(images[:2], batch([1, 1]))
+    assert calls == [2]  # the second batch's caption came from the memo
+    torch.testing.assert_close(second['text_features'], encode(captions[[1, 1]])[0])
+    torch.testing.assert_close(first['rank_scores'][:2], model(images[:2], batch([0, 0]))['rank_scores'])
+    # weights written in place (load_state_dict, an optimizer step): the memo is dropped, values recomputed
+    with torch.no_grad():
+        model.ln_final.weight.mul_(2.0)
+    calls.clear()
+    after = model(images[:2], batch([1, 1]))
+    assert calls == [1]
+    torch.testing.assert_close(after['text_features'], encode(captions[[1, 1]])[0])
+    assert not torch.allclose(after['text_features'], second['text_features'])
+
+
+def test_trainable_text_tower_is_never_memoised():
+    import open_clip
+    import open_clip_rank  # noqa: F401
+    from open_clip_rank.models.base import RankTexts
+    torch.manual_seed(0)
+    model = open_clip.create_model('tiny-vit-adapter').train()
+    model.lock_text_tower()  # the original lock: token embedding, positional embedding and ln_final train
+    calls, _ = _counting_text_encoder(model)
+    texts = RankTexts(torch.randint(1, 100, (1, 16)).expand(3, -1), torch.arange(3.), torch.zeros(3, dtype=torch.long))
+    for _ in range(2):
+        out = model(torch.randn(3, 3, 32, 32), texts)
+    assert calls == [1, 1]
+    (out['rank_scores'].sum() + out['pair_logits'].sum()).backward()
+    assert model.token_embedding.weight.grad is not None and model.token_embedding.weight.grad.abs().sum() > 0

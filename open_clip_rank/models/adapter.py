@@ -20,7 +20,7 @@ from .. import compat
 from ..feature_cache import CachedImages, note_image_tower_locked, tower_features_from_batch
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
-from .towers import (emit_tokens, encode_distinct_texts, image_tokens, image_tower_features,
+from .towers import (FrozenTextMemo, emit_tokens, encode_distinct_texts, image_tokens, image_tower_features,
                      tokens_from_tower_features, trainable_after_tower_features)
 
 _logger = logging.getLogger(__name__)
@@ -196,8 +196,9 @@ class RankAdapterMixin(RankModel):
             global_pairs = with_pairs and text.global_pairs
             text = text.tokens
         tokens = self.encode_image_tokens(image)
-        # the text side once per distinct caption: the text tower and the fusion's key/value projections
-        text_features, text_tokens, text_index = encode_distinct_texts(self.encode_text_tokens, text)
+        # the text side once per distinct caption: the text tower (from the memo while it is frozen) and the
+        # fusion's key/value projections
+        text_features, text_tokens, text_index = encode_distinct_texts(self._encode_text_tokens_memo, text)
         if text_index is not None:
             text_features = text_features[text_index]
         text_tokens = text_tokens.to(tokens.dtype)
@@ -221,6 +222,13 @@ class RankAdapterMixin(RankModel):
         if self.logit_bias is not None:
             out['logit_bias'] = self.logit_bias
         return out
+
+    def _encode_text_tokens_memo(self, text: torch.Tensor):
+        """``encode_text_tokens``, kept per caption while the text tower is frozen (``towers.FrozenTextMemo``)."""
+        memo = getattr(self, '_frozen_text_memo', None)
+        if memo is None:
+            memo = self._frozen_text_memo = FrozenTextMemo()
+        return memo.encode(self.encode_text_tokens, text, self._text_tower_module())
 
     # --- rank-model protocol -------------------------------------------------------------------------
 

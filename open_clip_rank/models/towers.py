@@ -103,3 +103,54 @@ def encode_distinct_texts(encode_text_tokens, text: torch.Tensor):
         return features, tokens, None
     features, tokens = encode_text_tokens(unique)
     return features, tokens, index.to(tokens.device)
+
+
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
+
+
+def _active_dropout(module: torch.nn.Module) -> bool:
+    for m in module.modules():
+        if m.training and ((isinstance(m, _DROPOUT) and m.p > 0)
+                           or (isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0)):
+            return True
+    return False
+
+
+class FrozenTextMemo:
+    """Text-tower outputs kept per caption while the text tower cannot change them (``--strict-tower-lock``: a
+    rank run's few instructions are then encoded once per run, not once per step).
+
+    Used only while every text-tower parameter is frozen and no dropout is active; kept only while the weights are
+    unchanged (their tensors' version counters: an optimizer step or ``load_state_dict`` writes them in place), on
+    the same device and dtype, under the same autocast setting. Anything else: computed as usual. At most
+    ``max_entries`` captions are kept (then it starts over)."""
+
+    def __init__(self, max_entries: int = 256):
+        self.max_entries = max_entries
+        self._entries = {}
+        self._state = None
+
+    def _state_of(self, module: torch.nn.Module, text: torch.Tensor):
+        params = list(module.parameters())
+        if not params or any(p.requires_grad for p in params) or _active_dropout(module):
+            return None
+        device = params[0].device
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        return (device, params[0].dtype, autocast, text.device, tuple(p._version for p in params),
+                tuple(p.data_ptr() for p in params))
+
+    def encode(self, encode_text_tokens, text: torch.Tensor, module: torch.nn.Module):
+        """``encode_text_tokens(text)`` -> (features [N, E], tokens [N, L, W]), from the memo where valid."""
+        state = self._state_of(module, text)
+        if state is None:
+            return encode_text_tokens(text)
+        if state != self._state or len(self._entries) + text.shape[0] > self.max_entries:
+            self._entries, self._state = {}, state
+        keys = [row.tobytes() for row in text.cpu().numpy()]
+        missing = [i for i, key in enumerate(keys) if key not in self._entries]
+        if missing:
+            features, tokens = encode_text_tokens(text[missing])
+            for i, feature, token in zip(missing, features, tokens):
+                self._entries[keys[i]] = (feature, token)
+        rows = [self._entries[key] for key in keys]
+        return torch.stack([f for f, _ in rows]), torch.stack([t for _, t in rows])
