@@ -1,4 +1,6 @@
 """Shared test helpers: tiny model configs, the reference fixtures (tests/fixtures), subprocess environments."""
+import contextlib
+import io
 import os
 import site
 import socket
@@ -71,6 +73,31 @@ def run_gloo_worker(script, out, expected):
     if result.returncode != 0:
         warnings.warn(f"{Path(script).name}: every result was saved, then the process group teardown failed "
                       f"(exit {result.returncode}): {result.stderr.strip().splitlines()[-1]}")
+
+
+def call_main(main, argv, cwd=None):
+    """A CLI's ``main(argv)`` called in this process, as ``subprocess.run`` would report it.
+
+    For refusals and small conversions: a child interpreter costs ~10 s of imports (torch, OpenCLIP) on the
+    CI machines. Exit status from the return value or ``SystemExit``; stdout and stderr captured.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv]) or 0
+            except SystemExit as exit_:
+                code = exit_.code
+                if isinstance(code, str):  # sys.exit("message"): the interpreter prints it, status 1
+                    print(code, file=sys.stderr)
+                    code = 1
+                code = code or 0
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
 
 
 def run(args, env, cwd=None):

@@ -17,7 +17,7 @@ import open_clip
 from open_clip_rank import CheckpointMismatchError
 from open_clip_rank.checkpoint_files import UnreadableCheckpointError
 from open_clip_rank.inference import UninitialisedModelError, load_rank_model, score_images
-from conftest import TEST_CONFIG_DIR, subprocess_env
+from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
 
 MODEL = 'tiny-vit-adapter'
 PROMPT = 'Rank the numbers of circle.'
@@ -175,8 +175,8 @@ def test_rank_cli_local_dir_checkpoint_and_refusals(setup, tmp_path):
         rows = {r['image']: float(r['score']) for r in csv.DictReader(f)}
     torch.testing.assert_close(torch.tensor([rows[p] for p in setup['paths']]), _expected(setup))
     # no checkpoint: refused with one line, exit status 2, nothing written
-    refused = subprocess.run(cmd[:5] + cmd[7:-3] + ['--output-path', str(tmp_path / 'none'), '--no-progress'],
-                             env=env, capture_output=True, text=True, timeout=600)
+    from open_clip_rank.rank import main
+    refused = call_main(main, cmd[3:5] + cmd[7:-3] + ['--output-path', str(tmp_path / 'none'), '--no-progress'])
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith('open_clip_rank.rank: error: model local-dir:')
     assert 'random' in refused.stderr and not (tmp_path / 'none.csv').exists()

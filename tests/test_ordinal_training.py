@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_CONFIG_DIR, subprocess_env
+from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
 from open_clip_rank.synthetic import make_ordinal_dataset
 
 NUM_RANKS = 6
@@ -27,13 +27,17 @@ def small_data(tmp_path_factory):
                                 val_per_rank=1, image_size=32, seed=1)
 
 
-def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main')):
-    cmd = [*launcher, '--model', 'tiny-rn-ordinal', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'ordinal',
-           '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0', '--name', name,
-           *args]
+def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), in_process=False):
+    """A training run in a child process; ``in_process`` for refused starts (they stop in parse_args)."""
+    argv = ['--model', 'tiny-rn-ordinal', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'ordinal',
+            '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0', '--name', name,
+            *map(str, args)]
     logs.mkdir(parents=True, exist_ok=True)
+    if in_process:
+        from open_clip_train.main import main
+        return call_main(main, argv, cwd=logs)
     env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
-    return subprocess.run(cmd, env=env, cwd=str(logs), capture_output=True, text=True, timeout=900)
+    return subprocess.run([*launcher, *argv], env=env, cwd=str(logs), capture_output=True, text=True, timeout=900)
 
 
 def _results(logs, name):
@@ -133,7 +137,7 @@ def test_two_process_torchrun(small_data, tmp_path):
 def test_bad_labels_stop_before_training_with_one_line(small_data, tmp_path, content, message):
     bad = tmp_path / 'bad.txt'
     bad.write_text(content.format(image=Path(small_data['root']) / 'images' / 'train_00_000.png'))
-    result = _train(['--train-data', str(bad), '--epochs', '1', '--batch-size', '1'], tmp_path, 'bad')
+    result = _train(['--train-data', str(bad), '--epochs', '1', '--batch-size', '1'], tmp_path, 'bad', in_process=True)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith('open_clip_rank: error:')]
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
@@ -142,6 +146,6 @@ def test_bad_labels_stop_before_training_with_one_line(small_data, tmp_path, con
 
 def test_ordinal_model_without_ordinal_data_is_a_usage_error(small_data, tmp_path):
     result = _train(['--train-data', small_data['train_csv'], '--csv-dataset-sample-type', 'default', '--epochs', '1'],
-                    tmp_path, 'nodata')
+                    tmp_path, 'nodata', in_process=True)
     assert result.returncode != 0
     assert '--csv-dataset-sample-type ordinal' in result.stderr

@@ -12,7 +12,7 @@ import open_clip
 from open_clip_rank.contact_sheet import sheet_size
 from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images
 from open_clip_rank.synthetic import make_counting_dataset
-from conftest import TEST_CONFIG_DIR, subprocess_env
+from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
 from rank_data_helpers import make_unreadable_image
 
 MODEL = 'tiny-vit-adapter'
@@ -137,18 +137,16 @@ def test_python_api_and_pairwise(dataset):
 
 
 def test_bad_inputs_are_clear(dataset, tmp_path):
-    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
-    base = [sys.executable, '-m', 'open_clip_rank.rank', '--images', str(dataset['folder']), '--prompt', 'x',
-            '--output-path', str(tmp_path / 'o')]
-    missing = subprocess.run(base + ['--model', MODEL, '--checkpoint-path', str(tmp_path / 'nope.pt')], env=env,
-                             capture_output=True, text=True, timeout=300)
+    from open_clip_rank.rank import main
+    base = ['--images', dataset['folder'], '--prompt', 'x', '--output-path', tmp_path / 'o']
+    missing = call_main(main, base + ['--model', MODEL, '--checkpoint-path', tmp_path / 'nope.pt'])
     assert missing.returncode == 2 and 'nope.pt does not exist' in missing.stderr
     fixture = dataset['root'] / 'other.pt'
     other = open_clip.create_model('tiny-convnext-adapter')
     torch.save(other.state_dict(), fixture)
-    mismatch = subprocess.run(base + ['--model', MODEL, '--checkpoint-path', str(fixture)], env=env,
-                              capture_output=True, text=True, timeout=300)
+    mismatch = call_main(main, base + ['--model', MODEL, '--checkpoint-path', fixture])
     assert mismatch.returncode == 2 and 'does not fit this model' in mismatch.stderr.splitlines()[-1]
+    assert not list(tmp_path.iterdir())
 
 
 def test_empty_prompt_is_refused(dataset, tmp_path, capsys):

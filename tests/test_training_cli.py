@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_CONFIG_DIR, subprocess_env
+from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
 from rank_data_helpers import write_rank_csv
 
 
@@ -18,15 +18,21 @@ def rank_csvs(tmp_path_factory):
     return train, val
 
 
-def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), timeout=300):
-    cmd = [*launcher, '--model', 'tiny-vit-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
-           '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0',
-           '--name', name, '--log-every-n-steps', '1', *args]
-    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
+def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), timeout=300,
+           in_process=False):
+    """A training run in a child process; ``in_process`` for refused starts (they stop in parse_args)."""
+    argv = ['--model', 'tiny-vit-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
+            '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0',
+            '--name', name, '--log-every-n-steps', '1', *map(str, args)]
     # no --logs flag: torchrun's own parser rejects it as an ambiguous prefix of its --logs-specs, so
     # runs use OpenCLIP's default ./logs inside ``logs``
     logs.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, env=env, cwd=str(logs), capture_output=True, text=True, timeout=timeout)
+    if in_process:
+        from open_clip_train.main import main
+        return call_main(main, argv, cwd=logs)
+    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
+    return subprocess.run([*launcher, *argv], env=env, cwd=str(logs), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _results(logs, name):
@@ -80,7 +86,7 @@ def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
     train, _ = rank_csvs
     bad = tmp_path / 'bad.csv'
     bad.write_text(Path(train).read_text().replace('value', 'score'))
-    result = _train(['--train-data', str(bad), '--epochs', '1'], tmp_path, 'bad')
+    result = _train(['--train-data', str(bad), '--epochs', '1'], tmp_path, 'bad', in_process=True)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith('open_clip_rank: error:')]
     assert len(errors) == 1 and "no column 'value'" in errors[0] and '--csv-value-key' in errors[0]
@@ -88,9 +94,10 @@ def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
 
 
 def test_negative_ratio_out_of_range_is_a_usage_error(tmp_path, rank_csvs):
-    result = _train(['--train-data', rank_csvs[0], '--negative-ratio', '1.5'], tmp_path, 'ratio')
+    result = _train(['--train-data', rank_csvs[0], '--negative-ratio', '1.5'], tmp_path, 'ratio', in_process=True)
     assert result.returncode == 2
     assert '--negative-ratio must be in [0, 1), got 1.5' in result.stderr
+    assert not (tmp_path / 'logs' / 'ratio').exists()  # refused before OpenCLIP creates the experiment
 
 
 def test_zero_shot_imagenet_eval_on_a_rank_models_towers(rank_csvs, tmp_path):
