@@ -235,10 +235,10 @@ def test_two_process_torchrun_from_shards(rank_shards, tmp_path):
 
 
 def test_learns_from_shards_as_from_the_csv(tmp_path):
-    """Trained from shards, held-out SRCC reaches the bar the CSV path's learning run meets (test_demo: >= 0.8).
+    """Trained from shards, held-out SRCC comes near the CSV path's on the same data and flags.
 
-    The same data through the CSV path reaches 0.90 to 0.95 with these flags (measured; running both here
-    would double the cost of the suite's slowest test for a figure the demo test already guards).
+    Measured here: CSV 0.991, shards 0.992 (2-core CPU, torch 2.14.1). The CSV arm is not re-run in the suite
+    (it would double the cost of one of its slowest tests); the demo test guards the CSV path's learning.
     """
     write_rank_csv(str(tmp_path), per_count=8, name='train.csv')
     write_rank_csv(str(tmp_path), per_count=2, seed=1, name='val.csv')
@@ -252,4 +252,4 @@ def test_learns_from_shards_as_from_the_csv(tmp_path):
                      '--val-data', urls['val']], tmp_path, 'webdataset')
     assert result.returncode == 0, result.stderr[-3000:]
     srcc = _results(tmp_path, 'webdataset')[-1]['srcc']
-    assert srcc >= 0.8, srcc
+    assert srcc >= 0.9, srcc
