@@ -126,16 +126,29 @@ def reading_checkpoint(path, fix: Optional[str] = None):
 # --- which weights a model holds ---------------------------------------------------------------------
 
 _LOADED_ATTR = '_open_clip_rank_weights_from'
+_BASE_ONLY_ATTR = '_open_clip_rank_base_weights_from'
 
 
-def note_loaded(model, path) -> None:
-    """Remember that ``path``'s weights went into ``model`` (set by the ``load_checkpoint`` patch)."""
-    setattr(model, _LOADED_ATTR, str(path))
+def note_loaded(model, path, complete: bool = True) -> None:
+    """Remember that ``path``'s weights went into ``model`` (set by the ``load_checkpoint`` patch).
+
+    ``complete=False``: the file held base CLIP weights only (the towers); the family's own parameters (the
+    adapter, the prompt learner) started fresh, so the model is not trained for ranking.
+    """
+    if complete:
+        setattr(model, _LOADED_ATTR, str(path))
+    elif loaded_from(model) is None:
+        setattr(model, _BASE_ONLY_ATTR, str(path))
 
 
 def loaded_from(model) -> Optional[str]:
-    """The checkpoint or pretrained file last loaded into ``model`` through OpenCLIP, or None (random init)."""
+    """The file whose weights fill every parameter of ``model`` (loaded through OpenCLIP), or None."""
     return getattr(model, _LOADED_ATTR, None)
+
+
+def base_weights_from(model) -> Optional[str]:
+    """The file that gave ``model`` its towers only (the family's own parameters random), or None."""
+    return None if loaded_from(model) is not None else getattr(model, _BASE_ONLY_ATTR, None)
 
 
 # --- atomic writes -----------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def _patch_factory(open_clip):
             from .models.checkpoint import load_rank_checkpoint
             result = load_rank_checkpoint(original_load, model, checkpoint_path, strict=strict,
                                           weights_only=weights_only, device=device)
-            note_loaded(model, checkpoint_path)  # load_rank_model refuses rank models that hold no weights
+            # load_rank_model refuses rank models whose own parameters hold no trained weights
+            note_loaded(model, checkpoint_path, complete=getattr(result, 'full_checkpoint', True))
             return result
 
     original_create_loss = _original(factory.create_loss)

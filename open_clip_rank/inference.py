@@ -84,7 +84,7 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     rank model left with no loaded weights at all raises ``UninitialisedModelError`` unless
     ``random_weights=True`` asks for random weights explicitly.
     """
-    from .checkpoint_files import check_readable, loaded_from
+    from .checkpoint_files import base_weights_from, check_readable, loaded_from
     from .preflight import check_model_name
     if (model is None) == (config_path is None):
         raise ValueError("give exactly one of a model name (--model) or a model config file (--config-path).")
@@ -114,9 +114,17 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
         keys = [f.config_key for f in FAMILIES.values()]
         raise ValueError(f"model {name} is not a rank model (its config has none of {keys}).")
     if loaded_from(net) is None:
+        base = base_weights_from(net)
         if not random_weights:
+            if base is not None:
+                raise UninitialisedModelError(
+                    f"{base} holds base CLIP weights only: the {family.name} model's own parameters would rank "
+                    f"with random values. Pass a checkpoint trained with this plugin (--checkpoint-path)"
+                    + ("." if checkpoint_path is not None else f", or --random-weights (random_weights=True) to "
+                       f"rank with untrained {family.name} parameters on purpose."))
             raise no_weights
-        _logger.warning(f"Ranking with random weights (asked for): model {name} loaded no checkpoint.")
+        _logger.warning(f"Ranking with random weights (asked for): model {name} loaded "
+                        f"{'base weights only from ' + base if base else 'no checkpoint'}.")
     # the family's evaluation preprocessing, as in training
     transform = rank_transforms(preprocess_val)[1] if family.square_resize else preprocess_val
     return net.eval(), transform, open_clip.get_tokenizer(name)

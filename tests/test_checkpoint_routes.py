@@ -117,6 +117,17 @@ def test_no_weights_is_refused_unless_asked_for(setup, route):
     assert model.training is False
 
 
+@pytest.mark.parametrize('route', ['built-in', 'local-dir', 'config-path'])
+def test_base_clip_weights_alone_are_refused_unless_asked_for(setup, route, tmp_path):
+    """A plain CLIP checkpoint fills the towers only: the adapter would rank with random weights."""
+    base = tmp_path / 'base_clip.pt'
+    state = {k: v for k, v in setup['trained'].state_dict().items() if not k.startswith('adapter.')}
+    assert len(state) < len(setup['trained'].state_dict())
+    torch.save(state, base)
+    with pytest.raises(UninitialisedModelError, match=r"base_clip\.pt holds base CLIP weights only: the adapter"):
+        load_rank_model(**_route(setup, route), checkpoint_path=str(base), device='cpu')
+
+
 def test_damaged_checkpoint_and_unknown_model_are_one_line(setup, tmp_path):
     data = setup['checkpoint'].read_bytes()
     cut = tmp_path / 'cut.pt'

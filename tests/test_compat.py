@@ -48,6 +48,11 @@ def test_openclip_train_main_still_calls_what_is_patched():
     assert compat.is_patched(main.parse_args) and compat.is_patched(main.get_data)
     assert compat.is_patched(main.evaluate) and compat.is_patched(main.create_loss)
     assert compat.is_patched(main.setup_logging) and compat.is_patched(main.pt_load)
+    assert compat.is_patched(main.init_distributed_device)
+    # main writes checkpoints with a plain torch.save: parsing a run's arguments routes it (atomic writes)
+    import torch
+    main.parse_args([])
+    assert compat.is_patched(torch.save)
 
 
 def test_moved_patch_points_fail_with_one_line(monkeypatch):

@@ -60,8 +60,13 @@ def test_sigint_mid_checkpoint_write_then_resume_latest(train_csv, tmp_path):
     cmd = _command(train_csv, logs, 'run', '--epochs', '3')
     output = _interrupt_during_epoch_2_save(cmd, checkpoints)
     assert (checkpoints / 'epoch_1.pt').is_file(), output[-3000:]
-    # writes are atomic: no temporary file is left under a checkpoint name, nothing newer than epoch 2 exists
+    # writes are atomic: every checkpoint present is complete (readable), and no temporary file is left
+    # under a checkpoint name (OpenCLIP's own in-place write would leave a truncated epoch_2.pt here)
+    from open_clip_rank.checkpoint_files import unreadable_reason
     assert {p.name for p in checkpoints.glob('*.pt')} <= {'epoch_1.pt', 'epoch_2.pt', 'epoch_3.pt'}
+    for written in checkpoints.glob('*.pt'):
+        assert unreadable_reason(str(written)) is None, written
+    assert not [p.name for p in checkpoints.iterdir() if '.tmp-' in p.name]  # removed on KeyboardInterrupt
     for late in checkpoints.glob('epoch_3.pt'):  # the signal came after the write: drop what followed it
         late.unlink()
     # What OpenCLIP's in-place write leaves when it is interrupted (or the timing missed): a truncated epoch_2.pt.
