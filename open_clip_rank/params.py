@@ -61,8 +61,8 @@ def add_plugin_args(parser: argparse.ArgumentParser):
     group.add_argument(
         '--strict-tower-lock', action='store_true', default=False,
         help='Adapter models: --lock-image / --lock-text freeze the whole tower. Default, as the original code: '
-             '--lock-text freezes only the text transformer blocks (token/positional embeddings, ln_final and the '
-             'projection train) and --lock-image keeps a ViT\'s visual.proj trainable.')
+             '--lock-text freezes only the text transformer blocks (token/positional embeddings and ln_final train) '
+             'and --lock-image keeps a ViT\'s visual.proj trainable.')
     group.add_argument(
         '--rank-global-pairs', action='store_true', default=False,
         help='Pair losses (dual-head, single-head) form pairs over the global batch of all processes: every '

@@ -157,7 +157,8 @@ class RankAdapterMixin(RankModel):
 
     def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
         """``--lock-text``: as the original code, only the text transformer blocks freeze (token and positional
-        embeddings, ``ln_final`` and the projection keep training); ``--strict-tower-lock`` freezes the tower,
+        embeddings and ``ln_final`` keep training; the text projection feeds no rank output and stays frozen);
+        ``--strict-tower-lock`` freezes the tower,
         LayerNorms included (OpenCLIP 3.3's ``CLIP.lock_text_tower`` asserts ``freeze_layer_norm``, which its CLI
         passes as False unless ``--lock-text-freeze-layer-norm``: that assertion is not reproduced)."""
         if _TOWER_LOCK['strict']:
