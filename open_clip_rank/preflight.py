@@ -139,6 +139,20 @@ def _check_rank_data(args):
             loaders._ordinal_table(args, path, loaders._num_ranks(args))
 
 
+def _check_pair_head(args):
+    """The pair losses need a pair head; the per-image pooler ablations ('softmax', 'sigmoid') have none."""
+    if getattr(args, 'loss_opt', None) != 'dual-head' and not getattr(args, 'rank_global_pairs', False):
+        return
+    from .compat import read_model_config
+    from .models.adapter_layers import PER_IMAGE_POOLERS
+    pooler = ((read_model_config(args.model) or {}).get('adapter_cfg') or {}).get('adapter_attention_pooler')
+    if pooler in PER_IMAGE_POOLERS:
+        flag = '--loss-opt dual-head' if args.loss_opt == 'dual-head' else '--rank-global-pairs'
+        raise StartRefused(f"{flag} needs the pair head, and model {args.model} (adapter_attention_pooler="
+                           f"{pooler!r}) has none (the original gives it one feature per image, not pairs): train "
+                           f"it with --loss-opt single-head.")
+
+
 def check_training_start(args):
     """Every refusal ``open_clip_train.main`` would otherwise meet after creating ``logs/<name>``."""
     message = unknown_model_message(args.model)
@@ -148,6 +162,7 @@ def check_training_start(args):
     _check_resume(args)
     _check_new_experiment(args)
     _check_rank_data(args)
+    _check_pair_head(args)
 
 
 def start_training_run(args):

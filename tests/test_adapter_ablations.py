@@ -71,11 +71,88 @@ def test_reg_token_method_null_drops_the_post_fusion_encoder():
 
 @pytest.mark.parametrize('adapter, message', [
     ({'cross_attn_method': 'null'}, r"cross_attn_method='null' cannot run in the original code .* NotImplementedError"),
-    ({'adapter_attention_pooler': 'softmax'}, r"'softmax' cannot run in the original code .* not in the released"),
-    ({'adapter_attention_pooler': 'sigmoid'}, r"'sigmoid' cannot run in the original code"),
     ({'n_reg_tokens': 0}, r"n_reg_tokens=0 leaves the 'rank-attn' pooler without queries .* 'null'"),
     ({'adapter_attention_pooler': 'mean'}, r"adapter_attention_pooler='mean' is not supported"),
 ])
 def test_variants_the_original_cannot_run_say_why(adapter, message):
     with pytest.raises(ValueError, match=message):
         build(**adapter)
+
+
+OFFICIAL_POOLER_KEYS = {'query', 'attn.in_proj_weight', 'attn.in_proj_bias', 'attn.out_proj.weight',
+                        'attn.out_proj.bias', 'ln_q.weight', 'ln_q.bias', 'ln_k.weight', 'ln_k.bias'}
+
+
+def _official_pooled(pooler, x, normaliser):
+    """The original's AttentionalPooler.forward (sequence-first, as written there) and, for 'sigmoid', its
+    MultiheadAttentionDistributed math (multi_head_attention_forward with need_weights), eval mode."""
+    x = pooler.ln_k(x).permute(1, 0, 2)  # NLD -> LND
+    n = x.shape[1]
+    q = pooler.ln_q(pooler.query).unsqueeze(1).expand(-1, n, -1)
+    attn = pooler.attn
+    if normaliser == 'softmax':
+        out = attn(q, x, x, need_weights=False)[0]
+    else:
+        tgt_len, bsz, embed_dim = q.shape
+        heads, head_dim = attn.num_heads, embed_dim // attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        qq = torch.nn.functional.linear(q, w_q, b_q).view(tgt_len, bsz * heads, head_dim).transpose(0, 1)
+        kk = torch.nn.functional.linear(x, w_k, b_k).view(x.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        vv = torch.nn.functional.linear(x, w_v, b_v).view(x.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        weights = torch.sigmoid(torch.bmm(qq * (1.0 / head_dim) ** 0.5, kk.transpose(-2, -1))) / heads
+        out = torch.bmm(weights, vv).transpose(0, 1).contiguous().view(tgt_len * bsz, embed_dim)
+        out = torch.nn.functional.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(tgt_len, bsz, -1)
+    return out.permute(1, 0, 2)  # LND -> NLD
+
+
+@pytest.mark.parametrize('normaliser', ['softmax', 'sigmoid'])
+@pytest.mark.parametrize('n_reg_tokens', [4, 0])
+def test_per_image_poolers_are_the_original_forward_and_train(normaliser, n_reg_tokens):
+    model = build(adapter_attention_pooler=normaliser, n_reg_tokens=n_reg_tokens)
+    pooler_keys = {k[len('adapter.reg_token_pooler.'):] for k in model.state_dict()
+                   if k.startswith('adapter.reg_token_pooler.')}
+    assert pooler_keys == (OFFICIAL_POOLER_KEYS if n_reg_tokens else set())
+    assert 'adapter.reg_tokens' not in model.state_dict() and not model.supports_pairwise
+    images, texts = _batch()
+    out = model(images, texts)
+    assert 'pair_logits' not in out and out['rank_scores'].shape == (len(images),)
+    adapter = model.adapter
+    x = adapter.fuse(model.encode_image_tokens(images), model.encode_prompts(texts.tokens))
+    # the original: x = reg_token_pooler(x).sum(1) (the token sum with 0 queries), score = regressor(x), no reg_ln
+    pooled = _official_pooled(adapter.reg_token_pooler, x, normaliser) if n_reg_tokens else x
+    torch.testing.assert_close(out['adapter_logits'], adapter.regressor(pooled.sum(dim=1)), rtol=1e-5, atol=1e-6)
+    # trains with the single-head loss (pairs by score differences): a step moves the pooler and the head
+    model.train()
+    from open_clip_rank.losses.ranking import RankingLoss
+    loss = RankingLoss(head='single', components=('regression', 'rank'))(**model(images, texts._replace(
+        with_pairs=False)), output_dict=True)
+    sum(loss.values()).backward()
+    assert adapter.regressor.output_head.weight.grad.abs().sum() > 0
+    if n_reg_tokens:
+        assert adapter.reg_token_pooler.query.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in adapter.pair_regressor.parameters())  # no rank output uses it
+
+
+def test_softmax_pooler_checkpoint_round_trip_and_no_dual_head(tmp_path):
+    model = build(adapter_attention_pooler='softmax')
+    folder = tmp_path / 'cfg'
+    folder.mkdir()
+    cfg = dict(BASE, adapter_cfg=dict(BASE['adapter_cfg'], adapter_attention_pooler='softmax'))
+    (folder / 'tiny-softmax-adapter.json').write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    path = tmp_path / 'epoch_1.pt'
+    torch.save({'epoch': 1, 'name': 'x', 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, path)
+    loaded = open_clip.create_model('tiny-softmax-adapter', pretrained=str(path)).eval()
+    images, texts = _batch()
+    assert torch.equal(loaded(images, texts)['rank_scores'], model(images, texts)['rank_scores'])
+    # the pair losses need a pair head: refused before training, with the way out
+    from conftest import call_main
+    from rank_data_helpers import write_rank_csv
+    from open_clip_train.main import main
+    csv = write_rank_csv(str(tmp_path), per_count=2, name='train.csv')
+    result = call_main(main, ['--model', 'tiny-softmax-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type',
+                              'rank', '--train-data', csv, '--loss-opt', 'dual-head', '--name', 'x'], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--loss-opt dual-head needs the pair head" in result.stderr and '--loss-opt single-head' in result.stderr
+    assert not (tmp_path / 'logs' / 'x').exists()

@@ -123,6 +123,7 @@ class RankAdapterMixin(RankModel):
         act_layer, norm_layer = adapter_layers(quick_gelu, cast_dtype)
         self.adapter_cfg = adapter_cfg
         self.adapter = RankAdapter(adapter_cfg, act_layer=act_layer, norm_layer=norm_layer)
+        self.supports_pairwise = self.adapter.has_pair_head  # the 'softmax' / 'sigmoid' ablations have none
         self._freeze_contrastive_only_parameters()
 
     def _freeze_contrastive_only_parameters(self):

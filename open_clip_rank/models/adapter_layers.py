@@ -53,12 +53,6 @@ class AdapterCfg:
                 f"adapter_cfg.cross_attn_method={self.cross_attn_method!r} cannot run in the original code either (its "
                 f"constructor raises NotImplementedError for anything but 'cross-qkv', and its Identity fusion is "
                 f"called with two inputs); use 'cross-qkv'.")
-        if self.adapter_attention_pooler in ('softmax', 'sigmoid'):
-            raise ValueError(
-                f"adapter_cfg.adapter_attention_pooler={self.adapter_attention_pooler!r} cannot run in the original code "
-                f"either: its AttentionalPooler(use_distributed_attn, distributed_attn_ops) is not in the released "
-                f"repository, and that branch gives the pair head one feature per image ([N, 1], not [N*N, 1] pairs); "
-                f"use 'rank-attn' or 'null'.")
         if self.adapter_attention_pooler not in POOLERS:
             raise ValueError(f"adapter_cfg.adapter_attention_pooler={self.adapter_attention_pooler!r} is not supported; "
                              f"use one of {list(POOLERS)}.")
@@ -81,8 +75,10 @@ class AdapterCfg:
 
 
 # 'rank-attn': the paper's rank-aware attention over image pairs; 'null' (the paper's ablation): the pair head
-# reads the difference of the two images' token means.
-POOLERS = ('rank-attn', 'null')
+# reads the difference of the two images' token means; 'softmax' / 'sigmoid' (ablations): learned queries pool
+# each image's tokens on their own (no pairs), as the original's AttentionalPooler.
+POOLERS = ('rank-attn', 'null', 'softmax', 'sigmoid')
+PER_IMAGE_POOLERS = ('softmax', 'sigmoid')
 
 
 def adapter_layers(quick_gelu: bool, cast_dtype: Optional[torch.dtype]):
@@ -316,6 +312,43 @@ class RankAwarePairAttention(nn.Module):
         return self.pair_features(values, log_norm, values, log_norm, queries.shape[0])
 
 
+class AttentionalPooler(nn.Module):
+    """The original's ``AttentionalPooler`` for the 'softmax' / 'sigmoid' ablations (its parameter names:
+    ``query``, ``attn.in_proj_*``, ``attn.out_proj``, ``ln_q``, ``ln_k``): Q learned queries attend over one
+    image's fused tokens, [N, P, D] -> [N, Q, D].
+
+    'softmax': ``nn.MultiheadAttention`` (8 heads). 'sigmoid': the original's ``MultiheadAttentionDistributed``,
+    the same projections with each attention weight sigmoid(q·k / sqrt(d_head)) / H instead of a softmax over the
+    tokens, and dropout 0.1 on those weights in training."""
+
+    def __init__(self, d_model: int, n_queries: int, normaliser: str, n_head: int = 8):
+        super().__init__()
+        self.normaliser = normaliser
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.attn = nn.MultiheadAttention(d_model, n_head, dropout=0.1 if normaliser == 'sigmoid' else 0.0)
+        self.ln_q = LayerNorm(d_model)  # the original's default norm layer, whatever the towers use
+        self.ln_k = LayerNorm(d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        keys = self.ln_k(tokens)
+        queries = self.ln_q(self.query).to(keys.dtype).unsqueeze(0).expand(keys.shape[0], -1, -1)
+        if self.normaliser == 'softmax':
+            return attention_heads(self.attn, queries, keys)
+        return self._sigmoid_attention(queries, keys)
+
+    def _sigmoid_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        n, n_queries, width = queries.shape
+        heads = self.attn.num_heads
+        w_q, w_kv = self.attn.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = self.attn.in_proj_bias.split([width, 2 * width])
+        q = F.linear(queries, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, H, Q, d_head]
+        k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in F.linear(keys, w_kv, b_kv).chunk(2, dim=-1))
+        weights = torch.sigmoid(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5) / heads  # not normalised over tokens
+        weights = F.dropout(weights, p=self.attn.dropout, training=self.training)
+        out = (weights @ v).transpose(1, 2).reshape(n, n_queries, width)
+        return self.attn.out_proj(out)
+
+
 class PairHeadMLP(nn.Module):
     """Official ``PairwiseDiffBlockV2``: LN, 3 x (Linear, LN, ReLU), Linear -> 1 logit."""
 
@@ -372,15 +405,34 @@ class RankAdapter(nn.Module):
             layer = PostFuseLayer(d_model=d, nhead=cfg.n_head, dim_feedforward=d, dropout=0.1, batch_first=True)
             self.post_fuse_block = PostFuseEncoder(layer, num_layers=cfg.num_layers, enable_nested_tensor=False)
         self.pooler = cfg.adapter_attention_pooler
+        self.reg_tokens = None
         if self.pooler == 'rank-attn':
             self.reg_tokens = nn.Parameter(d ** -0.5 * torch.randn(cfg.n_reg_tokens, d))
             self.reg_token_pooler = RankAwarePairAttention(d, cfg.pair_heads, norm_layer)
-        else:  # 'null': no queries, no attention parameters (as the original's state dict)
-            self.reg_tokens = None
+        elif self.pooler in PER_IMAGE_POOLERS and cfg.n_reg_tokens > 0:
+            self.reg_token_pooler = AttentionalPooler(d, cfg.n_reg_tokens, self.pooler)
+        else:  # 'null', or no queries: no attention parameters (as the original's state dict)
             self.reg_token_pooler = nn.Identity()
         self.pair_regressor = PairHeadMLP(d, norm_layer)
         self.reg_ln = norm_layer(d)
         self.regressor = ScoreMLP(d, norm_layer)
+        if not self.has_pair_head:
+            # The original's per-image branch feeds pair_regressor one pooled feature per image ([N, 1], no pairs;
+            # only its single-head loss trains it) and skips reg_ln: both stay in the state dict, frozen, since
+            # no rank output depends on them.
+            self.pair_regressor.requires_grad_(False)
+            self.reg_ln.requires_grad_(False)
+
+    @property
+    def has_pair_head(self) -> bool:
+        """Whether the pair head compares image pairs ('rank-attn', 'null'); the per-image poolers have none."""
+        return self.pooler not in PER_IMAGE_POOLERS
+
+    def _require_pair_head(self):
+        if not self.has_pair_head:
+            raise ValueError(
+                f"adapter_attention_pooler={self.pooler!r} has no pair head (the original's branch gives it one "
+                f"feature per image, [N, 1], not pairs): train with --loss-opt single-head, rank without --pairwise.")
 
     def set_grad_checkpointing(self, enable: bool = True):
         """``--grad-checkpointing``: the fusion blocks and the post-fusion encoder layers recompute in backward."""
@@ -401,6 +453,8 @@ class RankAdapter(nn.Module):
         return self.post_fuse_block(x)
 
     def scores(self, fused: torch.Tensor) -> torch.Tensor:
+        if not self.has_pair_head:  # the original: regressor(sum over queries of pooler(x)), no reg_ln
+            return self.regressor(self.reg_token_pooler(fused).sum(dim=1)).squeeze(-1)
         return self.regressor(self.reg_ln(fused).sum(dim=1)).squeeze(-1)
 
     def pair_logits(self, fused: torch.Tensor) -> torch.Tensor:
@@ -411,6 +465,7 @@ class RankAdapter(nn.Module):
     def pair_summaries(self, fused: torch.Tensor):
         """Per-image statistics of the pair head: (o, L) of ``RankAwarePairAttention``, or for the 'null' pooler the
         token mean m (the original's mean over tokens of x_i - x_j is m_i - m_j)."""
+        self._require_pair_head()
         if self.pooler == 'null':
             return (fused.mean(dim=1),)
         return self.reg_token_pooler.per_image_summaries(self.reg_tokens.to(fused.dtype), fused)
@@ -426,5 +481,5 @@ class RankAdapter(nn.Module):
 
     def forward(self, image_tokens, text_tokens, with_pairs: bool = True, text_index: Optional[torch.Tensor] = None):
         fused = self.fuse(image_tokens, text_tokens, text_index)
-        pair_logits = self.pair_logits(fused) if with_pairs else None
+        pair_logits = self.pair_logits(fused) if with_pairs and self.has_pair_head else None
         return self.scores(fused), pair_logits
