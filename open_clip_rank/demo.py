@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .checkpoint_files import atomic_write
+
 DEMO_MODEL = 'demo-vit-adapter'
 # Small enough to train from scratch on 2 CPU cores in about a minute; LayerNorm-only towers,
 # because single-category rank batches would leak into BatchNorm statistics of a tower trained from scratch.
@@ -52,7 +54,8 @@ def parse_args(argv=None):
 
 def write_demo_config(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f'{DEMO_MODEL}.json').write_text(json.dumps(DEMO_CONFIG, indent=2))
+    with atomic_write(folder / f'{DEMO_MODEL}.json', 'w') as f:
+        json.dump(DEMO_CONFIG, f, indent=2)
     return folder
 
 
@@ -119,7 +122,6 @@ def main(argv=None):
     from .metrics import format_metrics_table
     print('\nValidation ranking (held-out images, each scored under its own instruction):')
     print(format_metrics_table(metrics))
-    from .checkpoint_files import atomic_write
     with atomic_write(out / 'val_metrics.json') as f:
         json.dump(metrics, f, indent=2)
     passed = metrics['srcc'] >= args.min_srcc

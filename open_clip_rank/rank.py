@@ -244,6 +244,8 @@ def ordinal_report(args, model, rows, extras):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
+    from .compat import quiet_torch_loggers
+    quiet_torch_loggers()  # root INFO must not pass torch's internal reports
     extras = None
     try:
         if bool(args.csv) == bool(args.images):

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .checkpoint_files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 SHAPES = ('circle', 'square', 'triangle')
@@ -183,7 +185,6 @@ def class_weights(rows: Sequence[Dict]) -> List[float]:
 
 def write_rank_csv(path: str, rows: Sequence[Dict]) -> None:
     """Tab-separated, header first, in the column order of the official format."""
-    from .checkpoint_files import atomic_write
     weights = class_weights(rows)
     with atomic_write(path, 'w', newline='') as f:  # an interrupted run never leaves half a CSV
         writer = csv.writer(f, delimiter='\t', lineterminator='\n')
@@ -271,9 +272,9 @@ def make_ordinal_dataset(root, num_ranks=6, train_per_rank=40, val_per_rank=12, 
                 relative = os.path.join('images', f'{split}_{label:02d}_{index:03d}.png')
                 image.save(os.path.join(root, relative), compress_level=1)
                 rows.append((relative, label))
-        with open(os.path.join(root, f'{split}.csv'), 'w') as f:
+        with atomic_write(os.path.join(root, f'{split}.csv'), 'w') as f:
             f.write('filepath\tvalue\n' + ''.join(f'{os.path.join(root, p)}\t{v}\n' for p, v in rows))
-        with open(os.path.join(root, f'{split}.txt'), 'w') as f:
+        with atomic_write(os.path.join(root, f'{split}.txt'), 'w') as f:
             f.write(''.join(f'{p} {v}\n' for p, v in rows))
         result.update({f'{split}_csv': os.path.join(root, f'{split}.csv'),
                        f'{split}_list': os.path.join(root, f'{split}.txt'), f'num_{split}': len(rows)})

@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import ImageDraw
 
+from .checkpoint_files import atomic_write
 from .synthetic import SHAPES, draw_shape, noisy_background
 
 COLORS = {'red': (205, 35, 35), 'green': (35, 150, 45), 'blue': (40, 65, 215), 'yellow': (225, 195, 25)}
@@ -65,7 +66,7 @@ def make_caption_dataset(root, train_per_class: int = 40, val_per_class: int = 1
                 rows.append((path, template.format(**cls), label))
         order = np.random.default_rng([seed, SPLITS[split]]).permutation(len(rows))
         paths[split] = os.path.join(root, f'{split}.csv')
-        with open(paths[split], 'w', newline='') as f:
+        with atomic_write(paths[split], 'w', newline='') as f:
             writer = csv.writer(f, delimiter='\t', lineterminator='\n')
             writer.writerow(('filepath', 'title', 'label') if split == 'val' else ('filepath', 'title'))
             for i in order:

@@ -169,3 +169,16 @@ def test_openclip_data_building_blocks_are_present_and_a_missing_one_is_named(mo
     monkeypatch.delattr(data, 'detshuffle2')
     with pytest.raises(compat.PatchPointMissing, match=r'no patch point open_clip_train.data.detshuffle2; .*supports'):
         compat.openclip_data('DataInfo')
+
+
+def test_quiet_torch_loggers_respects_torch_logs(monkeypatch):
+    import logging
+    inner = logging.getLogger('torch._dynamo.test_quiet_probe')
+    for name in ('torch', inner.name):
+        monkeypatch.setattr(logging.getLogger(name), 'level', logging.INFO)
+    monkeypatch.setenv('TORCH_LOGS', '+dynamo')
+    compat.quiet_torch_loggers()
+    assert inner.level == logging.INFO  # torch's own switch is set: left alone
+    monkeypatch.delenv('TORCH_LOGS')
+    compat.quiet_torch_loggers()
+    assert inner.level == logging.WARNING and logging.getLogger('torch').level == logging.WARNING

@@ -296,6 +296,19 @@ def test_one_tower_forward_on_every_tower_kind(name):
         torch.testing.assert_close(image_features, torch.nn.functional.normalize(tokens.mean(dim=1), dim=-1))
 
 
+@pytest.mark.parametrize('name', ['tiny-vit-adapter', 'tiny-customtext-adapter'])
+def test_text_tokens_path_pools_as_openclips_encode_text(name):
+    """encode_text_tokens restates OpenCLIP's encode_text to keep the token states: its pooled output must stay
+    OpenCLIP's (a check that fails when OpenCLIP changes its text pooling or projection)."""
+    torch.manual_seed(3)
+    model = open_clip.create_model(name).eval()
+    _, texts, _ = _batch(name)
+    with torch.no_grad():
+        pooled, tokens = model.encode_text_tokens(texts)
+        torch.testing.assert_close(pooled, model.encode_text(texts))
+    assert tokens.shape[:2] == texts.shape
+
+
 def test_official_output_names_are_read_only_aliases():
     torch.manual_seed(0)
     model = open_clip.create_model('tiny-vit-adapter').eval()
