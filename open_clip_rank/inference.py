@@ -306,9 +306,7 @@ def load_prototypes(model, path) -> torch.Tensor:
         raise FileNotFoundError(f"prototype file {path} does not exist.")
     except Exception as err:
         raise ValueError(f"{path} is not a prototype file written by export_prototypes ({type(err).__name__}: {err}).")
-    if not hasattr(model, 'freeze_prototypes'):
-        raise ValueError(f"{model.family_name} models do not use rank prototypes.")
-    try:
+    try:  # the protocol refuses families without prototypes
         return model.freeze_prototypes(prototypes)
     except ValueError as err:
         raise ValueError(f"{path}: {err}")

@@ -2,8 +2,11 @@
 
 A family is a model-config key (``adapter_cfg``): any OpenCLIP config carrying it builds that family's
 model classes, whose default loss, data sample types and derived-name suffix (``RN50`` ->
-``RN50-adapter``) are declared here. ``hook.py`` dispatches through this table and nothing else;
-adding a family is one model module plus one ``register_family`` call below.
+``RN50-adapter``) are declared here. ``hook.py`` and inference dispatch through this table and nothing else:
+a family that trains on an existing sample type with an existing loss is one model module plus one
+``register_family`` call below. A new loss adds its builder to ``losses.LOSSES`` (and its sample type to
+``LOSS_SAMPLE_TYPES``); a new sample type adds its ``get_data`` to ``data.loaders.SAMPLE_TYPE_DATA`` and its
+validation to ``evaluate.py``.
 """
 import importlib
 import os

@@ -75,6 +75,7 @@ class RankModel:
     fresh_state_prefixes: Tuple[str, ...] = ()
     supports_pairwise: bool = False
     needs_prompt: bool = True
+    num_ranks: Optional[int] = None  # a fixed set of ranks (ordinal families) or None (scores from prompts)
 
     # --- OpenCLIP's forward contract ----------------------------------------------------------------
 
@@ -116,6 +117,10 @@ class RankModel:
 
     def rank_prototypes(self) -> Optional[torch.Tensor]:
         return None
+
+    def freeze_prototypes(self, prototypes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fix the rank prototypes (given, or the current ones), so inference runs the image tower only."""
+        raise ValueError(f"{self.family_name} models do not use rank prototypes.")
 
     def reset_fresh_parameters(self) -> None:
         """Called after base CLIP weights load (the family's own parts start fresh; they may depend on them)."""
