@@ -11,12 +11,15 @@ and prints as its last line the brace-expanded URL for ``--train-data`` and the 
 import argparse
 import io
 import json
+import logging
 import os
 import sys
 import tarfile
 import time
 
 from .data.table import RankDataError
+
+_logger = logging.getLogger(__name__)
 
 KEEP_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
 
@@ -33,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument('--csv-value-key', default='value')
     p.add_argument('--csv-category-key', default='cname')
     p.add_argument('--csv-weight-key', default='sample_weights_by_class')
+    p.add_argument('--negative-ratio', type=float, default=0.2,
+                   help='rank: the --negative-ratio you will train with (default: training\'s); above 0 every '
+                        'caption must contain its category, as the CSV path checks (negatives re-word it)')
     p.add_argument('--num-ranks', type=int, default=100, help='ordinal: labels must lie in [0, num-ranks)')
     p.add_argument('--image-root', default=None, help='ordinal: folder relative image paths resolve against')
     p.add_argument('--seed', type=int, default=0, help='rows are shuffled with this seed so that shards mix '
@@ -49,7 +55,8 @@ def _rank_records(args):
     from .data.table import load_rank_table
     t = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
                         value_key=args.csv_value_key, category_key=args.csv_category_key,
-                        weight_key=args.csv_weight_key, sep=args.csv_separator)
+                        weight_key=args.csv_weight_key, sep=args.csv_separator,
+                        check_category_in_caption=args.negative_ratio > 0)
     for i, path in enumerate(t.paths):
         meta = {'value': float(t.values[i]), 'category': t.category_names[t.category_ids[i]],
                 'caption': t.captions[i]}
@@ -90,27 +97,38 @@ def _add(tar, name, data):
 
 
 def write_shards(records, out, shard_size, total=None, progress=True):
-    """Write shards atomically (temporary name, then rename); returns {shard name: sample count}."""
+    """Write shards atomically (temporary name, then rename); returns {shard name: sample count}.
+
+    An image that cannot be re-encoded (a format kept as bytes is checked when training reads it) is left
+    out with a warning and counted, as training skips and counts unreadable images."""
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
     sizes, tar, tmp, name = {}, None, None, None
+    written, skipped = 0, 0
     bar = tqdm(total=total, unit='img', desc='make_shards', disable=not progress, file=sys.stderr)
     try:
-        for index, (path, meta) in enumerate(records):
-            if index % shard_size == 0:
+        for path, meta in records:
+            bar.update(1)
+            try:
+                ext, data = _image(path)
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                skipped += 1
+                _logger.warning(f"skipped unreadable image {path} ({type(err).__name__}: {err}); "
+                                f"{skipped} skipped so far")
+                continue
+            if written % shard_size == 0:
                 if tar is not None:
                     tar.close()
                     os.replace(tmp, os.path.join(out, name))
-                name = f"{index // shard_size:06d}.tar"
+                name = f"{written // shard_size:06d}.tar"
                 tmp = os.path.join(out, f".{name}.tmp")
                 tar = tarfile.open(tmp, 'w')
                 sizes[name] = 0
-            key = f"{index:09d}"
-            ext, data = _image(path)
+            key = f"{written:09d}"
             _add(tar, f"{key}.{ext}", data)
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             sizes[name] += 1
-            bar.update(1)
+            written += 1
         if tar is not None:
             tar.close()
             os.replace(tmp, os.path.join(out, name))
@@ -120,6 +138,10 @@ def write_shards(records, out, shard_size, total=None, progress=True):
         if tar is not None:  # interrupted: leave no partial shard behind
             tar.close()
             os.remove(tmp)
+    if skipped:
+        _logger.warning(f"{skipped} unreadable image(s) left out of the shards")
+    if not sizes:
+        raise RankDataError(f"no readable image among {skipped} row(s): nothing to write to {out}.")
     sizes_tmp = os.path.join(out, '.sizes.json.tmp')
     with open(sizes_tmp, 'w') as f:
         json.dump(sizes, f, indent=1)
@@ -141,10 +163,10 @@ def main(argv=None):
         if not args.no_shuffle:
             import random
             random.Random(args.seed).shuffle(records)
+        sizes = write_shards(records, args.out, args.shard_size, total=len(records), progress=not args.no_progress)
     except RankDataError as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
         return 2
-    sizes = write_shards(records, args.out, args.shard_size, total=len(records), progress=not args.no_progress)
     print(f"{shard_url(args.out, sizes)} {sum(sizes.values())}")
     return 0
 

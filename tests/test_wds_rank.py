@@ -64,6 +64,26 @@ def test_make_shards_refuses_bad_rows_like_the_csv_path(rank_shards, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_make_shards_checks_captions_and_skips_unreadable_images(rank_shards, tmp_path, caplog):
+    lines = Path(rank_shards['train_csv']).read_text().splitlines()
+    # negatives re-word the caption's category: a caption without it is refused, as the CSV path does
+    no_category = tmp_path / 'no_category.csv'
+    no_category.write_text('\n'.join([lines[0], lines[1].replace('circle.', 'things.'), *lines[2:]]) + '\n')
+    result = _make_shards([no_category, tmp_path / 'a', '--shard-size', 4])
+    assert result.returncode == 2 and 'do not contain their' in result.stderr and '--negative-ratio 0' in result.stderr
+    assert _make_shards([no_category, tmp_path / 'b', '--shard-size', 4, '--negative-ratio', '0']).returncode == 0
+    # an image re-encoded on the way (not jpg/png/webp) that cannot be read: left out, counted, no traceback
+    broken = tmp_path / 'broken.bmp'
+    broken.write_bytes(b'BM not an image')
+    fields = lines[1].split('\t')
+    rows = [lines[0], '\t'.join([str(broken), *fields[1:]]), *lines[2:]]
+    (tmp_path / 'broken.csv').write_text('\n'.join(rows) + '\n')
+    result = _make_shards([tmp_path / 'broken.csv', tmp_path / 'c', '--shard-size', 8])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == str(len(lines) - 2)  # one row fewer
+    assert 'skipped unreadable image' in caplog.text and 'broken.bmp' in caplog.text  # stderr from a shell
+
+
 def _stream(url, shared_epoch=None, batch_size=8, ratio=0.25, seed=0, rank=0):
     import webdataset as wds
     from torchvision import transforms as T
