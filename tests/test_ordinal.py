@@ -69,6 +69,20 @@ def test_kl_drops_absent_rank_slots():
     assert torch.allclose(ordinal_kl_loss(logits, labels), torch.stack(per_slot).mean(), atol=1e-6)
 
 
+def test_accumulated_micro_batches_keep_the_step_batch_of_the_kl_term():
+    """OpenCLIP's --accum-freq path concatenates the micro-batches' outputs: the loss is the mean of per-micro-batch
+    losses (each KL over its own batch, as the official runner's step), not one KL over all of them."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(12, 5), torch.randint(0, 5, (12,))
+    accumulated = OrdinalLoss(micro_batch_size=4)(ordinal_logits=logits, targets=labels, output_dict=True)
+    per_step = [OrdinalLoss()(ordinal_logits=logits[i:i + 4], targets=labels[i:i + 4], output_dict=True)
+                for i in (0, 4, 8)]
+    for name in ('ordinal_ce_loss', 'ordinal_kl_loss'):
+        torch.testing.assert_close(accumulated[name], sum(step[name] for step in per_step) / 3)
+    whole_kl = ordinal_kl_loss(logits, labels)
+    assert not torch.allclose(accumulated['ordinal_kl_loss'], whole_kl)  # the batch statistic differs
+
+
 # --- the model -------------------------------------------------------------------------------------
 
 def test_forward_contract_and_frozen_logit_scale():

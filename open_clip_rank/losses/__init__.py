@@ -28,7 +28,8 @@ def _pairwise_ranking_loss(head: str) -> Callable:
 
 
 def _ordinal_loss(args):
-    return OrdinalLoss(ce_weight=args.ordinal_ce_weight, kl_weight=args.ordinal_kl_weight)
+    return OrdinalLoss(ce_weight=args.ordinal_ce_weight, kl_weight=args.ordinal_kl_weight,
+                       micro_batch_size=args.batch_size)
 
 
 LOSSES: Dict[str, Callable] = {

@@ -5,6 +5,8 @@ softmax_n(logits[n, r]) should match the target softmax_n(10 * 1[y_n = r]), whic
 images labelled r (and ~0 elsewhere). Slots with no image of their label in the batch are dropped,
 and the summed KL is divided by the number of slots present.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,17 +29,31 @@ def ordinal_kl_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class OrdinalLoss(nn.Module):
-    """``ce_weight`` * CE + ``kl_weight`` * KL on ``ordinal_logits`` [N, R] and integer ``targets`` [N]."""
+    """``ce_weight`` * CE + ``kl_weight`` * KL on ``ordinal_logits`` [N, R] and integer ``targets`` [N].
 
-    def __init__(self, ce_weight: float = 1.0, kl_weight: float = 1.0):
+    The KL term is a batch-level statistic, so the batch is the official runner's step batch: with
+    ``--accum-freq`` > 1 OpenCLIP hands the loss the outputs of all k micro-batches concatenated, and the
+    loss is the mean of the per-micro-batch losses (``micro_batch_size`` rows each); the accumulated gradient
+    is then the gradient of that mean, as for the rank losses.
+    """
+
+    def __init__(self, ce_weight: float = 1.0, kl_weight: float = 1.0, micro_batch_size: Optional[int] = None):
         super().__init__()
         self.ce_weight, self.kl_weight = ce_weight, kl_weight
+        self.micro_batch_size = micro_batch_size
 
     def forward(self, ordinal_logits: torch.Tensor, targets: torch.Tensor, output_dict: bool = False, **_):
         logits, labels = ordinal_logits.float(), targets.long()
+        size = self.micro_batch_size or len(labels)
+        parts = [self._batch_losses(logits[start:start + size], labels[start:start + size])
+                 for start in range(0, len(labels), size)]
+        losses = {name: sum(part[name] for part in parts) / len(parts) for name in parts[0]}
+        return losses if output_dict else sum(losses.values())
+
+    def _batch_losses(self, logits, labels):
         losses = {}
         if self.ce_weight:
             losses['ordinal_ce_loss'] = self.ce_weight * ordinal_ce_loss(logits, labels)
         if self.kl_weight:
             losses['ordinal_kl_loss'] = self.kl_weight * ordinal_kl_loss(logits, labels)
-        return losses if output_dict else sum(losses.values())
+        return losses
