@@ -44,22 +44,34 @@ def test_null_pooler_is_the_original_mean_difference_pair_head(n_reg_tokens):
     assert adapter.pair_regressor.output_head.weight.grad is not None
 
 
-def test_null_pooler_checkpoint_round_trip_in_the_official_layout(tmp_path):
-    model = build(adapter_attention_pooler='null')
+VARIANTS = {
+    'null-pooler': {'adapter_attention_pooler': 'null'},
+    'null-pooler-0-tokens': {'adapter_attention_pooler': 'null', 'n_reg_tokens': 0},
+    'no-post-fusion': {'reg_token_method': 'null'},
+}
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_variant_checkpoint_round_trip_in_the_official_layout(variant, tmp_path):
+    model = build(**VARIANTS[variant])
     folder = tmp_path / 'cfg'
     folder.mkdir()
-    cfg = dict(BASE, adapter_cfg=dict(BASE['adapter_cfg'], adapter_attention_pooler='null'))
-    (folder / 'tiny-null-adapter.json').write_text(json.dumps(cfg))
+    cfg = dict(BASE, adapter_cfg=dict(BASE['adapter_cfg'], **VARIANTS[variant]))
+    (folder / f'tiny-{variant}-adapter.json').write_text(json.dumps(cfg))
     open_clip.add_model_config(folder)
     path = tmp_path / 'epoch_1.pt'
     torch.save({'epoch': 1, 'name': 'x', 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, path)
-    loaded = open_clip.create_model('tiny-null-adapter', pretrained=str(path)).eval()
+    loaded = open_clip.create_model(f'tiny-{variant}-adapter', pretrained=str(path)).eval()
     images, texts = _batch()
-    assert torch.equal(loaded(images, texts)['pair_logits'], model(images, texts)['pair_logits'])
+    for key in ('rank_scores', 'pair_logits'):
+        assert torch.equal(loaded(images, texts)[key], model(images, texts)[key])
     rank_attn = tmp_path / 'rank_attn.pt'
-    torch.save(build().state_dict(), rank_attn)
+    torch.save(build(n_reg_tokens=2).state_dict(), rank_attn)  # another variant's checkpoint
     with pytest.raises(ValueError, match='does not fit this model'):
-        open_clip.create_model('tiny-null-adapter', pretrained=str(rank_attn))
+        open_clip.create_model(f'tiny-{variant}-adapter', pretrained=str(rank_attn))
+    # trains: forward and backward reach the heads
+    out = build(**VARIANTS[variant]).train()(images, texts)
+    (out['rank_scores'].sum() + out['pair_logits'].sum()).backward()
 
 
 def test_reg_token_method_null_drops_the_post_fusion_encoder():

@@ -50,6 +50,14 @@ def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
     log = (tmp_path / 'logs' / 'run' / 'out.log').read_text()
     assert 'Regression_loss' in log and 'Rank_loss' in log
     assert 'Rank training data: 48 rows, 2 categories, 6 batches of 8 per process' in log
+    # the seed's --lock-image --lock-text reach the model through OpenCLIP's main: the original trainable set,
+    # one line per tower (the ViT's visual.proj, the text embeddings and ln_final keep training)
+    import re
+    for tower in ('Image', 'Text'):
+        found = re.search(tower + r' tower locked \(as the original[^)]*\): ([\d,]+) of ([\d,]+) parameters', log)
+        assert found, tower
+        trainable, total = (int(v.replace(',', '')) for v in found.groups())
+        assert 0 < trainable < total, (tower, trainable, total)
     results = _results(tmp_path, 'run')
     assert [r['epoch'] for r in results] == [1, 2]
     for metric in ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'circle/srcc', 'square/pair_acc'):
