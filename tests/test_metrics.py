@@ -251,3 +251,25 @@ def test_official_pairwise_accuracy_restates_the_original_formula():
     # by hand: n = 3, pred = (0, 1, 2), target = (0, 2, 1); pairs (0,0) (0,1) (1,0) (1,1) (1,2) (2,0) (2,1) (2,2)
     # agree: diag x3, (0,1) yes, (1,0) yes, (1,2) pred +1 target -1: no, (2,0) yes, (2,1) pred -1 target +1: no
     assert official_pairwise_accuracy([0, 1, 2], [0, 2, 1]) == pytest.approx(6 / 8)
+
+
+def test_ordinal_metrics_by_hand():
+    from open_clip_rank.metrics import ordinal_metrics
+    out = ordinal_metrics(expected=[0.4, 2.6, 1.5], argmax=[0, 3, 2], labels=[0, 2, 2])
+    assert out['mae_exp'] == pytest.approx((0.4 + 0.6 + 0.5) / 3)
+    assert out['acc_exp'] == pytest.approx(2 / 3)  # rounded 0, 3, 2 (1.5: half to even) against 0, 2, 2
+    assert out['mae_max'] == pytest.approx(1 / 3) and out['acc_max'] == pytest.approx(2 / 3)
+
+
+def test_prototype_ordinality_as_the_official_definition():
+    """Per row i, the share of columns j >= i (j < R-1) with sim(i, j) > sim(i, j+1)."""
+    import numpy as np
+    from open_clip_rank.metrics import prototype_ordinality
+    angles = np.linspace(0, np.pi / 2, 5)  # prototypes along an arc: similarity falls with rank distance
+    arc = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    assert prototype_ordinality(arc) == 1.0
+    # ranks 1 and 2 swapped: R = 4 gives the pairs (i, j) = (0,0) (0,1) (0,2) (1,1) (1,2) (2,2), i.e. 6 checks
+    swapped = np.stack([arc[0], arc[2], arc[1], arc[3]])
+    sim = swapped @ swapped.T
+    by_hand = np.mean([sim[i, j] > sim[i, j + 1] for i in range(3) for j in range(i, 3)])
+    assert by_hand < 1.0 and prototype_ordinality(swapped) == pytest.approx(by_hand)

@@ -295,3 +295,20 @@ def test_zero_shot_contract_on_an_ordinal_model():
     features = model(image=images)['image_features']
     torch.testing.assert_close(features, model.encode_image(images, normalize=True))
     assert model.encode_text(open_clip.tokenize(['a'], context_length=16)).shape == (1, 32)
+
+
+def test_local_dir_config_builds_an_ordinal_model(tmp_path):
+    cfg = open_clip.get_model_config('tiny-rn-ordinal')
+    (tmp_path / 'open_clip_config.json').write_text(json.dumps({'model_cfg': cfg, 'preprocess_cfg': {}}))
+    model = open_clip.create_model(f'local-dir:{tmp_path}')
+    assert isinstance(model, OrdinalCLIP) and model.num_ranks == cfg['ordinal_cfg']['num_ranks']
+
+
+def test_lock_image_and_lock_text_leave_only_the_prompts_trainable():
+    """--lock-image --lock-text: prompt-only training (the paper's regime trains the image tower too)."""
+    model = open_clip.create_model('tiny-rn-ordinal')
+    model.lock_image_tower()
+    model.lock_text_tower(0, False)  # as OpenCLIP's CLI calls it (no --lock-text-freeze-layer-norm)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith('prompt_learner.') for n in trainable), trainable
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith('prompt_learner.')}
