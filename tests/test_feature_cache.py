@@ -208,6 +208,10 @@ def test_invalidation_by_config_weights_and_data(tmp_path):
     other = _args(cache_dir, model='tiny-vit-adapter')
     other.force_image_size = 48
     assert _key_folder(build_cache(other, model, table, transform)) != base
+    # another transform (e.g. other normalisation): what the tower saw differs
+    from torchvision import transforms as T
+    changed = T.Compose([*transform.transforms, T.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+    assert _key_folder(build_cache(_args(cache_dir), model, table, changed)) != base
     # another storage type
     assert _key_folder(_setup(csv, cache_dir, dtype='bf16')[4]) == base  # same key, the header's dtype differs:
     rebuilt = _setup(csv, cache_dir)[4]  # ... so it was rebuilt as bf16 and now rebuilt again as fp16, empty

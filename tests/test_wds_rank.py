@@ -126,6 +126,11 @@ def test_bucketing_one_category_per_batch_negatives_from_others(rank_shards):
     assert len(piped) == len(batches)
     other = _stream(rank_shards['train'], FixedEpoch(1))
     assert any(not torch.equal(a[1].targets, b[1].targets) for a, b in zip(batches, other))
+    # the process rank is part of the seed: the same rank draws the same batches, another rank others
+    rank_1 = _stream(rank_shards['train'], FixedEpoch(0), rank=1)
+    same = _stream(rank_shards['train'], FixedEpoch(0), rank=1)
+    assert all(torch.equal(a[1].targets, b[1].targets) and torch.equal(a[0], b[0]) for a, b in zip(rank_1, same))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(batches, rank_1))  # other negatives / order
 
 
 def test_every_sample_reaches_a_batch_as_positive(tmp_path):
