@@ -217,3 +217,30 @@ def test_inmodal_augmentation_is_not_offered(capsys):
         _args(**{'rankclip-inmodal-augment': True})
     assert info.value.code == 2
     assert 'unrecognized arguments: --rankclip-inmodal-augment' in capsys.readouterr().err
+
+
+def test_a_custom_text_clip_trains_with_the_loss(tmp_path):
+    """CustomTextCLIP configs (a separate ``text`` tower, as SigLIP / HF-text models) pretrain as CLIP does."""
+    import json
+    from conftest import TEST_CONFIG_DIR
+    cfg = json.loads((TEST_CONFIG_DIR / 'tiny-customtext-adapter.json').read_text())
+    for key in ('adapter_cfg', 'misc_cfg', 'init_logit_bias'):  # the adapter's and SigLIP's parts
+        cfg.pop(key, None)
+    for tower in ('vision_cfg', 'text_cfg'):  # pooled features, as a plain model's towers give
+        cfg[tower].pop('output_tokens')
+    (tmp_path / 'tiny-customtext.json').write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    args = _args(model='tiny-customtext')
+    args.rank, args.world_size, args.horovod = 0, 1, False
+    loss = create_loss(args)
+    loss.start_epoch(5, args)  # past the ramp's start: the rank terms count
+    torch.manual_seed(0)
+    model = open_clip.create_model('tiny-customtext', output_dict=True)
+    assert type(model).__name__ == 'CustomTextCLIP'
+    out = model(torch.randn(6, 3, 32, 32), open_clip.get_tokenizer('tiny-customtext')(['a red circle.'] * 3 +
+                                                                                       ['a blue square.'] * 3))
+    losses = loss(**out, output_dict=True)
+    assert set(losses) == {'contrastive_loss', 'crossmodal_rank_loss', 'inmodal_rank_loss'}
+    assert losses['crossmodal_rank_loss'] > 0
+    sum(losses.values()).backward()
+    assert model.text.token_embedding.weight.grad is not None and model.visual.conv1.weight.grad is not None
