@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TEST_CONFIG_DIR, free_port, subprocess_env
+from conftest import TEST_CONFIG_DIR, call_main, free_port, subprocess_env
 from rank_data_helpers import write_rank_csv
 from open_clip_rank.data.cached import CachedRankDataset, collate_cached_rank_batch
 from open_clip_rank.data.dataset import RankDataset, collate_rank_batch
@@ -302,9 +302,12 @@ def test_training_run_with_the_cache(tmp_path):
     usage = re.findall(r'Feature cache, epoch (\d): (\d+) of (\d+) images from the cache', log)
     assert [int(e) for e, _, _ in usage] == [0, 1], log[-2000:]
     assert all(int(seen) > 0 for _, _, seen in usage) and int(usage[-1][1]) > 0
-    refused = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir), '--lock-image-unlocked-groups',
-                      '1'], tmp_path, 'refused')
-    assert refused.returncode != 0 and '--rank-feature-cache' in refused.stderr
+    from open_clip_train.main import main  # a refused start stops in parse_args: no child process needed
+    refused = call_main(main, ['--model', MODEL, '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
+                               '--train-data', train, '--lock-image', '--lock-text', '--rank-feature-cache', cache_dir,
+                               '--lock-image-unlocked-groups', '1', '--name', 'refused'], cwd=tmp_path)
+    assert refused.returncode == 2 and '--rank-feature-cache' in refused.stderr
+    assert not (tmp_path / 'logs' / 'refused').exists()
 
 
 def test_two_process_ddp_with_the_cache(tmp_path):
