@@ -228,7 +228,7 @@ def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, 
     -> (scores [N] in [0, 1], NaN for unreadable images; skipped).
     """
     if not model.supports_pairwise:
-        raise ValueError(f"{model.family_name} models have no pair head; rank without --pairwise.")
+        raise ValueError(f"this {model.family_name} model has no pair head; rank without --pairwise.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prompt_state = model.encode_prompts(tokenizer([prompt]).to(device))
     summaries, kept_all, skipped = [], [], []

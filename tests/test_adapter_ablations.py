@@ -168,3 +168,10 @@ def test_softmax_pooler_checkpoint_round_trip_and_no_dual_head(tmp_path):
     assert result.returncode == 2
     assert "--loss-opt dual-head needs the pair head" in result.stderr and '--loss-opt single-head' in result.stderr
     assert not (tmp_path / 'logs' / 'x').exists()
+
+
+def test_pairwise_ranking_is_refused_without_a_pair_head():
+    from open_clip_rank.inference import pairwise_scores
+    model = build(adapter_attention_pooler='softmax')
+    with pytest.raises(ValueError, match='this adapter model has no pair head; rank without --pairwise'):
+        pairwise_scores(model, [], 'Rank the numbers of circle.', None, open_clip.get_tokenizer('tiny-vit-adapter'))
