@@ -57,6 +57,36 @@ def missing(point: str, version: str) -> PatchPointMissing:
         f"open_clip_torch{SUPPORTED_OPENCLIP}: install a supported version (pip install 'open_clip_torch{SUPPORTED_OPENCLIP}').")
 
 
+# torch's private names the adapter relies on: the post-fusion layer (a TransformerEncoderLayer with the
+# official parameter names) overrides ``_sa_block`` and calls ``_ff_block``; the frozen-text memo reads
+# ``Tensor._version`` (bumped by every in-place write) to notice changed weights.
+TORCH_ENCODER_LAYER_METHODS = {'_sa_block': ('x', 'attn_mask', 'key_padding_mask'), '_ff_block': ('x',)}
+
+
+def check_torch_private_names() -> None:
+    """Fail loudly, naming it, when torch has moved one of the private names above."""
+    import inspect
+    import torch
+    from torch import nn
+    for name, leading in TORCH_ENCODER_LAYER_METHODS.items():
+        method = getattr(nn.TransformerEncoderLayer, name, None)
+        params = tuple(inspect.signature(method).parameters)[1:1 + len(leading)] if callable(method) else ()
+        if params != leading:
+            raise PatchPointMissing(
+                f"open_clip_rank: torch {torch.__version__} has no torch.nn.TransformerEncoderLayer.{name}{leading}, "
+                f"which the adapter's post-fusion layer overrides; use a torch release that open_clip_torch"
+                f"{SUPPORTED_OPENCLIP} supports (tested: 2.14).")
+    if not isinstance(getattr(torch.zeros(()), '_version', None), int):
+        raise PatchPointMissing(f"open_clip_rank: torch {torch.__version__} tensors have no _version counter, which "
+                                f"the frozen text tower's memo reads; use a torch release that open_clip_torch"
+                                f"{SUPPORTED_OPENCLIP} supports (tested: 2.14).")
+
+
+def tensor_version(tensor) -> int:
+    """How many in-place writes ``tensor`` has seen (torch's private counter; checked above)."""
+    return tensor._version
+
+
 def openclip_data(*names):
     """``open_clip_train.data``'s ``names`` (all of ``OPENCLIP_DATA_NAMES`` are checked once: one line naming
     a missing one and the supported range, instead of an AttributeError mid-run)."""

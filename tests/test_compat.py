@@ -182,3 +182,12 @@ def test_quiet_torch_loggers_respects_torch_logs(monkeypatch):
     monkeypatch.delenv('TORCH_LOGS')
     compat.quiet_torch_loggers()
     assert inner.level == logging.WARNING and logging.getLogger('torch').level == logging.WARNING
+
+
+def test_torch_private_names_the_adapter_uses_are_live(monkeypatch):
+    from torch import nn
+    compat.check_torch_private_names()  # the installed torch has them
+    monkeypatch.delattr(nn.TransformerEncoderLayer, '_ff_block')
+    with pytest.raises(compat.PatchPointMissing, match=r'TransformerEncoderLayer\._ff_block') as info:
+        compat.check_torch_private_names()
+    assert '\n' not in str(info.value)

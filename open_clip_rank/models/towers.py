@@ -10,6 +10,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
+from .. import compat
 
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x  # [N, D, h, w] -> [N, h*w, D]
@@ -136,7 +137,7 @@ class FrozenTextMemo:
             return None
         device = params[0].device
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        return (device, params[0].dtype, autocast, text.device, tuple(p._version for p in params),
+        return (device, params[0].dtype, autocast, text.device, tuple(compat.tensor_version(p) for p in params),
                 tuple(p.data_ptr() for p in params))
 
     def encode(self, encode_text_tokens, text: torch.Tensor, module: torch.nn.Module):
