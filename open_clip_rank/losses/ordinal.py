@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .micro_batches import mean_over_micro_batches
+
 KL_TARGET_SHARPNESS = 10.0  # the official one-hot scale before the softmax over the batch
 
 
@@ -31,10 +33,8 @@ def ordinal_kl_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class OrdinalLoss(nn.Module):
     """``ce_weight`` * CE + ``kl_weight`` * KL on ``ordinal_logits`` [N, R] and integer ``targets`` [N].
 
-    The KL term is a batch-level statistic, so the batch is the official runner's step batch: with
-    ``--accum-freq`` > 1 OpenCLIP hands the loss the outputs of all k micro-batches concatenated, and the
-    loss is the mean of the per-micro-batch losses (``micro_batch_size`` rows each); the accumulated gradient
-    is then the gradient of that mean, as for the rank losses.
+    The KL term is a batch-level statistic: under ``--accum-freq`` each micro-batch of ``micro_batch_size``
+    rows keeps its own, as the official runner's step batch (``micro_batches.py``).
     """
 
     def __init__(self, ce_weight: float = 1.0, kl_weight: float = 1.0, micro_batch_size: Optional[int] = None):
@@ -44,10 +44,7 @@ class OrdinalLoss(nn.Module):
 
     def forward(self, ordinal_logits: torch.Tensor, targets: torch.Tensor, output_dict: bool = False, **_):
         logits, labels = ordinal_logits.float(), targets.long()
-        size = self.micro_batch_size or len(labels)
-        parts = [self._batch_losses(logits[start:start + size], labels[start:start + size])
-                 for start in range(0, len(labels), size)]
-        losses = {name: sum(part[name] for part in parts) / len(parts) for name in parts[0]}
+        losses = mean_over_micro_batches(self._batch_losses, self.micro_batch_size, logits, labels)
         return losses if output_dict else sum(losses.values())
 
     def _batch_losses(self, logits, labels):

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .micro_batches import mean_over_micro_batches
+
 LOSS_COMPONENTS = ('regression', 'rank', 'bce')
 DEFAULT_COMPONENTS = ('rank',)  # the original CLI's --loss-components default
 DEFAULT_WEIGHTS = {'regression': 0.2, 'rank': 1.0, 'bce': 1.0}
@@ -135,10 +137,7 @@ class RankingLoss(nn.Module):
         size = self.micro_batch_size or len(scores)
         if pair_logits is not None and pair_logits.shape[0] != pair_logits.shape[1]:
             size = pair_logits.shape[1]  # rows are stacked [B, B] blocks, one per micro-batch
-        chunks = [slice(start, start + size) for start in range(0, len(scores), size)]
-        parts = [self._batch_losses(scores[c], targets[c], None if pair_logits is None else pair_logits[c])
-                 for c in chunks]
-        losses = {name: sum(p[name] for p in parts) / len(parts) for name in parts[0]}
+        losses = mean_over_micro_batches(self._batch_losses, size, scores, targets, pair_logits)
         return losses if output_dict else sum(losses.values())
 
     def _gather(self, tensors, with_grad: bool):
