@@ -104,8 +104,14 @@ def attention_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.
     ``kv_index`` [N] naming each query row's one (or U = 1 and no index: one for all). Keys and values are then
     projected once per distinct row, not once per image (a rank batch shares one instruction): the same values,
     and the same gradients (the gather's backward sums the rows' contributions)."""
-    n, length, width = q_x.shape
-    heads = attn.num_heads
+    q, k, v = project_heads(attn, q_x, kv_x)
+    k, v = (rows_for_queries(t, q_x.shape[0], kv_index) for t in (k, v))
+    return merge_heads(attn, F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))
+
+
+def project_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.Tensor):
+    """q, k, v [rows, H, L, d_head] from ``attn``'s packed q|k|v projection (one matmul for self-attention)."""
+    width = q_x.shape[-1]
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if kv_x is q_x:
         q, k, v = F.linear(q_x, weight, bias).chunk(3, dim=-1)
@@ -114,11 +120,12 @@ def attention_heads(attn: nn.MultiheadAttention, q_x: torch.Tensor, kv_x: torch.
         b_q, b_kv = bias.split([width, 2 * width]) if bias is not None else (None, None)
         q = F.linear(q_x, w_q, b_q)
         k, v = F.linear(kv_x, w_kv, b_kv).chunk(2, dim=-1)
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [rows, H, L, d_head]
-    k, v = (rows_for_queries(t, n, kv_index) for t in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    out = out.transpose(1, 2).reshape(n, length, width)
-    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    return tuple(t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+
+
+def merge_heads(attn: nn.MultiheadAttention, out: torch.Tensor) -> torch.Tensor:
+    """[N, H, L, d_head] per-head outputs -> [N, L, D] through ``attn``'s output projection."""
+    return F.linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
 
 
 def rows_for_queries(rows: torch.Tensor, n: int, index: Optional[torch.Tensor]) -> torch.Tensor:
@@ -341,16 +348,11 @@ class AttentionalPooler(nn.Module):
         return self._sigmoid_attention(queries, keys)
 
     def _sigmoid_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        n, n_queries, width = queries.shape
-        heads = self.attn.num_heads
-        w_q, w_kv = self.attn.in_proj_weight.split([width, 2 * width])
-        b_q, b_kv = self.attn.in_proj_bias.split([width, 2 * width])
-        q = F.linear(queries, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, H, Q, d_head]
-        k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in F.linear(keys, w_kv, b_kv).chunk(2, dim=-1))
-        weights = torch.sigmoid(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5) / heads  # not normalised over tokens
+        q, k, v = project_heads(self.attn, queries, keys)  # [N, H, Q or P, d_head]
+        # not normalised over the tokens: each weight on its own, scaled by 1/H
+        weights = torch.sigmoid(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5) / self.attn.num_heads
         weights = F.dropout(weights, p=self.attn.dropout, training=self.training)
-        out = (weights @ v).transpose(1, 2).reshape(n, n_queries, width)
-        return self.attn.out_proj(out)
+        return merge_heads(self.attn, weights @ v)
 
 
 class PairHeadMLP(nn.Module):
