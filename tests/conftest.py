@@ -100,6 +100,22 @@ def call_main(main, argv, cwd=None):
     return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
 
 
+def run_openclip_main(argv, cwd, launcher=None, in_process=False, timeout=600):
+    """``open_clip_train.main`` with ``argv`` in ``cwd`` (OpenCLIP writes ./logs there), the test configs registered.
+
+    A child process (``launcher``: e.g. torchrun's, default ``python -m open_clip_train.main``), or, for refused
+    starts (they stop in ``parse_args``, before anything is built), ``main(argv)`` in this process.
+    """
+    argv = [str(a) for a in argv]
+    Path(cwd).mkdir(parents=True, exist_ok=True)
+    if in_process:
+        from open_clip_train.main import main
+        return call_main(main, argv, cwd=cwd)
+    launcher = launcher or (sys.executable, '-m', 'open_clip_train.main')
+    return subprocess.run([*launcher, *argv], env=subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR)),
+                          cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+
+
 def run(args, env, cwd=None):
     """A child process; the timeout only guards against hangs."""
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)

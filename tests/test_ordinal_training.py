@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
+from conftest import TEST_CONFIG_DIR, run_openclip_main, subprocess_env
 from open_clip_rank.synthetic import make_ordinal_dataset
 
 NUM_RANKS = 6
@@ -27,17 +27,11 @@ def small_data(tmp_path_factory):
                                 val_per_rank=1, image_size=32, seed=1)
 
 
-def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), in_process=False):
-    """A training run in a child process; ``in_process`` for refused starts (they stop in parse_args)."""
+def _train(args, logs, name, launcher=None, in_process=False):
     argv = ['--model', 'tiny-rn-ordinal', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'ordinal',
             '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0', '--name', name,
-            *map(str, args)]
-    logs.mkdir(parents=True, exist_ok=True)
-    if in_process:
-        from open_clip_train.main import main
-        return call_main(main, argv, cwd=logs)
-    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
-    return subprocess.run([*launcher, *argv], env=env, cwd=str(logs), capture_output=True, text=True, timeout=900)
+            *args]
+    return run_openclip_main(argv, logs, launcher, in_process, timeout=900)
 
 
 def _results(logs, name):

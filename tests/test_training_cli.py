@@ -1,13 +1,12 @@
 """End-to-end: OpenCLIP's own training entry point trains and evaluates rank adapters."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
+from conftest import run_openclip_main
 from rank_data_helpers import write_rank_csv
 
 
@@ -19,21 +18,13 @@ def rank_csvs(tmp_path_factory):
     return train, val
 
 
-def _train(args, logs, name, launcher=(sys.executable, '-m', 'open_clip_train.main'), timeout=300,
-           in_process=False):
-    """A training run in a child process; ``in_process`` for refused starts (they stop in parse_args)."""
-    argv = ['--model', 'tiny-vit-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
-            '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0',
-            '--name', name, '--log-every-n-steps', '1', *map(str, args)]
+def _train(args, logs, name, launcher=None, timeout=300, in_process=False):
     # no --logs flag: torchrun's own parser rejects it as an ambiguous prefix of its --logs-specs, so
     # runs use OpenCLIP's default ./logs inside ``logs``
-    logs.mkdir(parents=True, exist_ok=True)
-    if in_process:
-        from open_clip_train.main import main
-        return call_main(main, argv, cwd=logs)
-    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
-    return subprocess.run([*launcher, *argv], env=env, cwd=str(logs), capture_output=True, text=True,
-                          timeout=timeout)
+    argv = ['--model', 'tiny-vit-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type', 'rank',
+            '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0',
+            '--name', name, '--log-every-n-steps', '1', *args]
+    return run_openclip_main(argv, logs, launcher, in_process, timeout)
 
 
 def _results(logs, name):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
+from conftest import TEST_CONFIG_DIR, call_main, run_openclip_main, subprocess_env
 from rank_data_helpers import make_unreadable_image, write_rank_csv
 
 
@@ -172,17 +172,10 @@ def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
 
 def _train(args, logs, name, model='tiny-vit-adapter', sample_type='rank', dataset_type='webdataset',
            in_process=False):
-    """A training run in a child process; ``in_process`` for refused starts (they stop in parse_args)."""
     argv = ['--model', model, '--dataset-type', dataset_type, '--csv-dataset-sample-type', sample_type,
             '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '1', '--seed', '0', '--name', name,
-            '--log-every-n-steps', '1', *map(str, args)]
-    logs.mkdir(parents=True, exist_ok=True)
-    if in_process:
-        from open_clip_train.main import main
-        return call_main(main, argv, cwd=logs)
-    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
-    return subprocess.run([sys.executable, '-m', 'open_clip_train.main', *argv], env=env, cwd=str(logs),
-                          capture_output=True, text=True, timeout=600)
+            '--log-every-n-steps', '1', *args]
+    return run_openclip_main(argv, logs, in_process=in_process)
 
 
 def _results(logs, name):
