@@ -307,9 +307,8 @@ def locked_model():
 
 def check_cacheable(model) -> None:
     """Refuse, with the reason, a model whose image-tower outputs cannot be cached: a cached part that trains or
-    depends on the batch or on chance (BatchNorm with batch statistics, dropout, patch dropout)."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from open_clip.transformer import PatchDropout
+    depends on the batch or on chance in training (BatchNorm with batch statistics, dropout, patch dropout,
+    stochastic depth), unless ``--lock-image-eval`` runs the tower as at evaluation."""
     if not hasattr(model, 'image_tower_features'):
         raise FeatureCacheError(f"--rank-feature-cache caches adapter models' image towers; "
                                 f"{type(model).__name__} is not one.")
@@ -319,15 +318,32 @@ def check_cacheable(model) -> None:
         raise FeatureCacheError(
             f"--rank-feature-cache needs a frozen image tower, but {len(training)} of its parameters train "
             f"(e.g. visual.{training[0]}): use --lock-image without --lock-image-unlocked-groups.")
+    if getattr(model, 'image_tower_eval', False):
+        return  # --lock-image-eval: no module of the tower behaves differently from evaluation
     for name, module in model.visual.named_modules():
-        if isinstance(module, _BatchNorm):
-            raise FeatureCacheError(
-                f"--rank-feature-cache: visual.{name} is a BatchNorm that uses batch statistics in training, so a "
-                f"cached output would differ from the tower's; add --lock-image-freeze-bn-stats.")
-        if isinstance(module, (nn.Dropout, PatchDropout)) and getattr(module, 'p', getattr(module, 'prob', 0)) > 0:
-            raise FeatureCacheError(
-                f"--rank-feature-cache: visual.{name} drops at random in training, so outputs cannot be cached; "
-                f"build the tower without (patch) dropout.")
+        why = _random_in_training(module)
+        if why:
+            fix = '--lock-image-freeze-bn-stats or ' if 'BatchNorm' in why else ''
+            raise FeatureCacheError(f"--rank-feature-cache: visual.{name} {why}, so a cached output would differ "
+                                    f"from the tower's; add {fix}--lock-image-eval (the locked tower then runs in "
+                                    f"eval mode, cached or not).")
+
+
+def _random_in_training(module: nn.Module) -> Optional[str]:
+    """Why ``module`` makes a frozen tower's output depend on the batch or on chance in training mode, or None."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+    from open_clip.transformer import PatchDropout
+    if isinstance(module, _BatchNorm):
+        return "is a BatchNorm that uses batch statistics in training"
+    if isinstance(module, _DropoutNd) and module.p > 0:
+        return f"drops at random in training (p={module.p})"
+    if isinstance(module, PatchDropout) and module.prob > 0:
+        return f"drops patches at random in training (prob={module.prob})"
+    drop_prob = getattr(module, 'drop_prob', 0)  # timm's DropPath / DropBlock
+    if isinstance(drop_prob, (int, float)) and drop_prob > 0:
+        return f"drops residual branches at random in training ({type(module).__name__}, drop_prob={drop_prob})"
+    return None
 
 
 def tower_weights_hash(model) -> str:

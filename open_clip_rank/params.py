@@ -64,6 +64,13 @@ def add_plugin_args(parser: argparse.ArgumentParser):
              '--lock-text freezes only the text transformer blocks (token/positional embeddings and ln_final train) '
              'and --lock-image keeps a ViT\'s visual.proj trainable.')
     group.add_argument(
+        '--lock-image-eval', action='store_true', default=False,
+        help='Adapter models with --lock-image: the locked image tower runs in eval mode while training (no '
+             'stochastic depth, dropout or patch dropout; BatchNorm with running statistics), so its features '
+             'are deterministic. Needed by --rank-feature-cache for towers with stochastic depth (e.g. '
+             'convnext_large_d_320\'s timm_drop_path 0.1). Default: as OpenCLIP, the locked tower is in '
+             'training mode.')
+    group.add_argument(
         '--rank-global-pairs', action='store_true', default=False,
         help='Pair losses (dual-head, single-head) form pairs over the global batch of all processes: every '
              'process gets the same category at each step (its --batch-size slice of one batch of batch-size x '
@@ -158,10 +165,23 @@ def validate_feature_cache_args(args):
         why = "--lock-image-unlocked-groups > 0 trains part of the image tower"
     elif getattr(args, 'dataset_type', 'csv') == 'webdataset' or str(args.train_data or '').endswith('.tar'):
         why = "it keys images by CSV row; streamed shards are not supported (use --dataset-type csv)"
-    elif getattr(args, 'force_patch_dropout', None):
-        why = "--force-patch-dropout drops tokens at random"
+    elif getattr(args, 'force_patch_dropout', None) and not getattr(args, 'lock_image_eval', False):
+        why = "--force-patch-dropout drops tokens at random (add --lock-image-eval: the locked tower then runs " \
+              "without it)"
     if why:
         raise ValueError(f"--rank-feature-cache: {why}.")
+
+
+def validate_lock_image_eval_args(args):
+    if not getattr(args, 'lock_image_eval', False):
+        return
+    from .registry import family_for_model_name
+    family = family_for_model_name(getattr(args, 'model', None))
+    if family is None or family.name != 'adapter':
+        raise ValueError(f"--lock-image-eval is for adapter models (*-adapter configs), not {args.model}.")
+    if not getattr(args, 'lock_image', False) or getattr(args, 'lock_image_unlocked_groups', 0) > 0:
+        raise ValueError("--lock-image-eval runs a fully locked image tower in eval mode: add --lock-image "
+                         "(without --lock-image-unlocked-groups).")
 
 
 def plugin_parser() -> argparse.ArgumentParser:
@@ -199,9 +219,11 @@ def validate_plugin_args(args):
                          f"--csv-dataset-sample-type {needed} (CSV with a '{args.csv_value_key}' column).")
     validate_global_pairs_args(args, loss)
     validate_feature_cache_args(args)
+    validate_lock_image_eval_args(args)
     validate_rankclip_args(args)
     from .models.adapter import set_tower_lock_policy
-    set_tower_lock_policy(strict=args.strict_tower_lock)  # read by the adapter models' lock_*_tower
+    # read by the adapter models' lock_*_tower
+    set_tower_lock_policy(strict=args.strict_tower_lock, image_eval=args.lock_image_eval)
     return args
 
 

@@ -4,9 +4,11 @@
     python scripts/benchmark_feature_cache.py                       # ViT-B-32-adapter, random weights, CPU
     python scripts/benchmark_feature_cache.py --images 64 --batch-size 16 --threads 4
 
-Random weights (no download), synthetic 224 px images, ``--lock-image --lock-text`` as the original code (visual.proj,
-the text token/positional embeddings and ln_final train), the single-head rank loss, AdamW; data loading in the
-main process (``--workers 0``), included in the times. Each epoch is the same rank sampler's epoch. Rows:
+Random weights (no download), synthetic 256 px images (resized to the model's input), ``--lock-image --lock-text``
+as the original code (visual.proj, the text token/positional embeddings and ln_final train) with
+``--lock-image-eval`` (the locked tower in eval mode in every mode: the cache needs it for towers with stochastic
+depth, e.g. convnext_large_d_320), the single-head rank loss, AdamW; data loading in the main process
+(``--workers 0``), included in the times. Each epoch is the same rank sampler's epoch. Rows:
 
 * ``towers``: the ordinary path (the image tower every step; the text side once per distinct caption, as every
   path);
@@ -77,11 +79,11 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix='featcache-bench-')
     table = load_rank_table(write_data(root, args.images))
     model, _, preprocess_val = open_clip.create_model_and_transforms(args.model)
-    set_tower_lock_policy(args.strict_tower_lock)
+    set_tower_lock_policy(args.strict_tower_lock, image_eval=True)
     model.lock_image_tower()
     model.lock_text_tower()
     set_tower_lock_policy(False)
-    model.train()
+    model.train()  # the adapter (and what trains of the towers) in training mode, the locked image tower in eval
     train_transform, deterministic = rank_transforms(preprocess_val)
     tokenizer = open_clip.get_tokenizer(args.model)
     loss_fn = RankingLoss(head='single', components=['rank', 'regression', 'bce'],
@@ -135,7 +137,9 @@ def main(argv=None):
 
     steps = len(sampler)
     t_towers, t_cache = statistics.median(tower_times), statistics.median(cache_times)
-    print(f"\n{args.model} (random weights), {args.images} images, {steps} steps of {args.batch_size}, CPU, "
+    image_size = getattr(model.visual, 'image_size', '?')
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    print(f"\n{args.model} (random weights, {image_size} px), {args.images} images, {steps} steps of {args.batch_size}, CPU, "
           f"{args.threads} threads, torch {torch.__version__}, "
           f"{'--strict-tower-lock' if args.strict_tower_lock else 'the original trainable set'}, cache {args.dtype} "
           f"({os.path.getsize(cache.tokens_path) / 2 ** 20:.1f} MiB)\n")

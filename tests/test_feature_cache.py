@@ -29,9 +29,9 @@ def csv_path(tmp_path_factory):
     return write_rank_csv(str(tmp_path_factory.mktemp('cachedata')), per_count=1)  # 12 rows
 
 
-def _model(seed=0, strict=False, name=MODEL):
+def _model(seed=0, strict=False, name=MODEL, image_eval=False):
     torch.manual_seed(seed)
-    set_tower_lock_policy(strict)
+    set_tower_lock_policy(strict, image_eval)
     try:
         model, _, preprocess_val = open_clip.create_model_and_transforms(name)
         model.lock_image_tower()
@@ -46,8 +46,8 @@ def _args(cache_dir, dtype='fp16', model=MODEL):
                               rank_feature_cache_dtype=dtype)
 
 
-def _setup(csv_path, cache_dir, dtype='fp16', seed=0, strict=False, name=MODEL):
-    model, preprocess_val = _model(seed, strict, name)
+def _setup(csv_path, cache_dir, dtype='fp16', seed=0, strict=False, name=MODEL, image_eval=False):
+    model, preprocess_val = _model(seed, strict, name, image_eval)
     table = load_rank_table(csv_path)
     _, transform = rank_transforms(preprocess_val)
     cache = build_cache(_args(cache_dir, dtype, name), model, table, transform)
@@ -140,6 +140,54 @@ def test_timm_trunk_cached_outputs_equal_the_uncached_path(csv_path, tmp_path):
         assert plain_grads and plain_grads.keys() == cached_grads.keys()
         for name, grad in plain_grads.items():
             torch.testing.assert_close(cached_grads[name], grad, atol=1e-5, rtol=1e-5)
+
+
+def _config_with_stochastic_depth(tmp_path):
+    # the paper's convnext_large_d_320 config has timm_drop_path 0.1: a frozen trunk in training mode is random
+    import json
+    config = json.loads((TEST_CONFIG_DIR / 'tiny-convnext-adapter.json').read_text())
+    config['vision_cfg']['timm_drop_path'] = 0.5
+    folder = tmp_path / 'configs'
+    folder.mkdir()
+    (folder / 'tiny-convnext-droppath-adapter.json').write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return 'tiny-convnext-droppath-adapter'
+
+
+def test_stochastic_depth_is_refused_unless_the_locked_tower_runs_in_eval_mode(csv_path, tmp_path):
+    name = _config_with_stochastic_depth(tmp_path)
+    model, _ = _model(name=name)
+    model.train()
+    with pytest.raises(FeatureCacheError, match=r'visual\.trunk\..*drop_path.*DropPath.*--lock-image-eval'):
+        check_cacheable(model)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # why: training mode drops residual branches at random
+        assert not torch.equal(model.image_tower_features(pixels), model.image_tower_features(pixels))
+
+    model, table, transform, tokenizer, cache, dataset = _setup(csv_path, tmp_path / 'c', 'fp32', name=name,
+                                                                image_eval=True)
+    model.train()  # what OpenCLIP's loop calls each epoch: the locked tower stays in eval mode
+    assert model.training and not model.visual.training and model.adapter.training
+    with torch.no_grad():
+        assert torch.equal(model.image_tower_features(pixels), model.image_tower_features(pixels))
+    keys = [(1, -1), (4, -1), (8, 0)]
+    for seed in (0, 5):  # miss, then hit: both equal the uncached path in training mode
+        images, texts = _batch(dataset, cache, keys, seed)
+        pixels_, plain_texts = _uncached_batch(table, transform, tokenizer, images, keys)
+        cached_out, _ = _forward_backward(model, images, texts)
+        plain_out, _ = _forward_backward(model, pixels_, plain_texts)
+        torch.testing.assert_close(cached_out['rank_scores'], plain_out['rank_scores'], atol=1e-5, rtol=1e-5)
+
+
+def test_lock_image_eval_flag_refusals():
+    from open_clip_rank.params import validate_lock_image_eval_args
+    base = dict(lock_image_eval=True, model=MODEL, lock_image=True, lock_image_unlocked_groups=0)
+    validate_lock_image_eval_args(argparse.Namespace(**base))
+    for change, message in (({'lock_image': False}, 'add --lock-image'),
+                            ({'lock_image_unlocked_groups': 2}, 'without --lock-image-unlocked-groups'),
+                            ({'model': 'ViT-B-32'}, 'adapter models')):
+        with pytest.raises(ValueError, match=message):
+            validate_lock_image_eval_args(argparse.Namespace(**{**base, **change}))
 
 
 def test_strict_lock_caches_too(csv_path, tmp_path):
@@ -294,10 +342,13 @@ def test_training_run_with_the_cache(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     log = (tmp_path / 'logs' / 'first' / 'out.log').read_text()
     assert 'building it (no cache yet)' in log and 'Train Epoch: 1' in log
-    second = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir)], tmp_path, 'second')
+    # --lock-image-eval: the tiny ViT has no random module, so its outputs (and the cache key) are unchanged
+    second = _train(['--train-data', train, '--rank-feature-cache', str(cache_dir), '--lock-image-eval'],
+                    tmp_path, 'second')
     assert second.returncode == 0, second.stderr[-3000:]
     log = (tmp_path / 'logs' / 'second' / 'out.log').read_text()
     assert 'reusing it' in log and ' 0 of 24 entries complete' not in log
+    assert 'Image tower locked in eval mode (--lock-image-eval)' in log
     # each epoch says how many images came from the cache; the second run's come mostly from it
     usage = re.findall(r'Feature cache, epoch (\d): (\d+) of (\d+) images from the cache', log)
     assert [int(e) for e, _, _ in usage] == [0, 1], log[-2000:]

@@ -78,12 +78,14 @@ def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCf
 
 
 # --lock-image / --lock-text on adapter models: 'official' (the original code's trainable set) or 'strict'
-# (whole towers frozen). Set from the training flags (--strict-tower-lock) before the model is built and locked.
-_TOWER_LOCK = {'strict': False}
+# (whole towers frozen); 'image_eval': the locked image tower runs as at evaluation while the model trains
+# (--lock-image-eval). Set from the training flags before the model is built and locked.
+_TOWER_LOCK = {'strict': False, 'image_eval': False}
 
 
-def set_tower_lock_policy(strict: bool) -> None:
+def set_tower_lock_policy(strict: bool, image_eval: bool = False) -> None:
     _TOWER_LOCK['strict'] = bool(strict)
+    _TOWER_LOCK['image_eval'] = bool(image_eval)
 
 
 def _log_trainable(what: str, module: nn.Module, policy: str):
@@ -148,6 +150,13 @@ class RankAdapterMixin(RankModel):
         if not strict and isinstance(getattr(self.visual, 'proj', None), nn.Parameter):
             self.visual.proj.requires_grad_(True)
         _log_trainable('Image tower', self.visual, 'strict' if strict else 'as the original: visual.proj trains')
+        if _TOWER_LOCK['image_eval']:
+            # --lock-image-eval: a frozen tower's stochastic depth, dropout and BatchNorm batch statistics only make
+            # its features random; run it as at evaluation (this is also what --rank-feature-cache can store)
+            self.image_tower_eval = True
+            self.visual.train(False)
+            _logger.info("Image tower locked in eval mode (--lock-image-eval): no stochastic depth, dropout or "
+                         "BatchNorm batch statistics while training.")
         note_image_tower_locked(self)  # --rank-feature-cache builds its data side from the locked model
 
     def _text_transformer(self) -> nn.Module:
@@ -173,6 +182,15 @@ class RankAdapterMixin(RankModel):
     def set_grad_checkpointing(self, enable=True):
         super().set_grad_checkpointing(enable)
         self.adapter.set_grad_checkpointing(enable)
+
+    image_tower_eval = False  # --lock-image-eval (set by lock_image_tower)
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; with ``--lock-image-eval`` the locked image tower stays in eval mode."""
+        super().train(mode)
+        if mode and self.image_tower_eval:
+            self.visual.train(False)
+        return self
 
     def rank_forward(
             self,

@@ -143,7 +143,10 @@ def rows_for_queries(rows: torch.Tensor, n: int, index: Optional[torch.Tensor]) 
 class _ActLinear(torch.autograd.Function):
     """``F.linear(act(h), weight, bias)`` keeping only ``h`` for backward: ``act(h)`` (elementwise, cheap) is
     recomputed there instead of being stored next to ``h``. Same values and gradients as the two ops; under
-    autocast the linear runs in the dtype autocast gave it, as ``F.linear`` would."""
+    autocast the linear runs in the dtype autocast gave it, as ``F.linear`` would.
+
+    Backward holds at most two [.., hidden]-sized buffers besides ``h`` (the MLP's widest tensors): ``act(h)``
+    lives only for the weight gradient, then grad_a = grad_out @ W and grad_h = act'(h) * grad_a."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, act):
@@ -158,19 +161,29 @@ class _ActLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight = ctx.saved_tensors
         dt = ctx.compute_dtype
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(ctx.needs_input_grad[0])
-            a = ctx.act(h_).to(dt)
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = grad_bias = grad_h = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_flat.t() @ a.detach().reshape(-1, a.shape[-1])).to(weight.dtype)
+            with torch.no_grad():
+                a = ctx.act(h).to(dt)
+            grad_weight = (grad_flat.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+            del a
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_flat.sum(dim=0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            grad_a = grad_out @ weight.to(dt)
-            grad_h, = torch.autograd.grad(a, h_, grad_a)
+            grad_h = _activation_backward(ctx.act, h, grad_out @ weight.to(dt))
         return grad_h, grad_weight, grad_bias, None
+
+
+def _activation_backward(act: Callable, h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+    """act'(h) * grad_a, in h's dtype. nn.GELU through its backward kernel, which needs h only (no act(h) buffer);
+    any other activation through autograd."""
+    grad_a = grad_a.to(h.dtype)
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_backward(grad_a, h, approximate=act.approximate)
+    with torch.enable_grad():
+        h_ = h.detach().requires_grad_(True)
+        return torch.autograd.grad(act(h_), h_, grad_a)[0]
 
 
 def act_linear(h: torch.Tensor, act: Callable, linear: nn.Linear) -> torch.Tensor:
