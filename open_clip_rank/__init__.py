@@ -11,6 +11,8 @@ _LAZY = {
     'register': 'hook',
     'FAMILIES': 'registry',
     'RankFamily': 'registry',
+    'SAMPLE_TYPES': 'registry',
+    'SampleType': 'registry',
     'family_for_model': 'registry',
     'RankModel': 'models.base',
     'RankTexts': 'models.base',

@@ -53,9 +53,9 @@ def evaluate_ranking(model, data, epoch, args, tb_writer=None, other_metrics=Non
         return {}
     metrics = dict(other_metrics or {})
     if openclip_evaluates_val(args, epoch):
+        from .registry import SAMPLE_TYPES
         info = data['val']
-        validate = ordinal_validation if info.sample_type == 'ordinal' else ranking_validation
-        metrics.update(validate(model, info, args, epoch=epoch))
+        metrics.update(SAMPLE_TYPES[info.sample_type].validate(model, info, args, epoch=epoch))
     if not metrics:
         return metrics
     metrics = {'epoch': epoch, **metrics}

@@ -226,9 +226,9 @@ def _get_data(original):
         if sample_type == 'default':
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         from .data import RankDataError
-        from .data.loaders import SAMPLE_TYPE_DATA
+        from .registry import SAMPLE_TYPES
         try:
-            data = SAMPLE_TYPE_DATA[sample_type](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            data = SAMPLE_TYPES[sample_type].get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         except RankDataError as err:  # one clear line, before any training starts
             _logger.error(str(err))
             raise SystemExit(f"open_clip_rank: error: {err}")

@@ -9,12 +9,12 @@ import argparse
 import sys
 
 from .losses import DEFAULT_COMPONENTS, LOSS_COMPONENTS, LOSS_SAMPLE_TYPES, LOSSES, resolved_loss_name
-from .registry import FAMILIES
+from .registry import SAMPLE_TYPES
 
 
 def sample_types():
-    """'default' (OpenCLIP's own CSV data) and every family's rank sample types."""
-    return ('default', *dict.fromkeys(t for family in FAMILIES.values() for t in family.sample_types))
+    """'default' (OpenCLIP's own CSV data) and every registered sample type."""
+    return ('default', *SAMPLE_TYPES)
 
 
 def add_plugin_args(parser: argparse.ArgumentParser):

@@ -119,24 +119,14 @@ def _check_new_experiment(args):
 
 
 def _check_rank_data(args):
-    """The data checks of the families' ``get_data``, run before OpenCLIP creates the experiment folder
-    (those that need the world size, e.g. "fewer rows than one batch", stay in ``get_data``)."""
+    """The data checks of the sample type's ``get_data`` (``registry.SampleType.check_data``), run before OpenCLIP
+    creates the experiment folder (those that need the world size, e.g. "fewer rows than one batch", stay in
+    ``get_data``)."""
     sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
     if sample_type == 'default':
         return
-    from .data import loaders
-    loaders.check_model_trains_on(args, sample_type)
-    from .data.shards import check_shard_data, uses_shards
-    if uses_shards(args):
-        check_shard_data(args, sample_type)
-        return
-    for path, is_train in ((args.train_data, True), (args.val_data, False)):
-        if not path:
-            continue
-        if sample_type == 'rank':
-            loaders._table_for(args, path, is_train=is_train)
-        elif sample_type == 'ordinal':
-            loaders._ordinal_table(args, path, loaders._num_ranks(args))
+    from .registry import SAMPLE_TYPES
+    SAMPLE_TYPES[sample_type].check_data(args)
 
 
 def _check_pair_head(args):

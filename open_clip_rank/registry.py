@@ -2,11 +2,13 @@
 
 A family is a model-config key (``adapter_cfg``): any OpenCLIP config carrying it builds that family's
 model classes, whose default loss, data sample types and derived-name suffix (``RN50`` ->
-``RN50-adapter``) are declared here. ``hook.py`` and inference dispatch through this table and nothing else:
+``RN50-adapter``) are declared here. A sample type (a ``--csv-dataset-sample-type`` value) is its data
+builder, the checks of its data run before a training run starts, and its validation, also declared here.
+``hook.py``, ``preflight.py``, ``evaluate.py`` and inference dispatch through these tables and nothing else:
 a family that trains on an existing sample type with an existing loss is one model module plus one
-``register_family`` call below. A new loss adds its builder to ``losses.LOSSES`` (and its sample type to
-``LOSS_SAMPLE_TYPES``); a new sample type adds its ``get_data`` to ``data.loaders.SAMPLE_TYPE_DATA`` and its
-validation to ``evaluate.py``.
+``register_family`` call below; a new sample type is its functions plus one ``register_sample_type`` call; a
+new loss adds its builder to ``losses.LOSSES`` (and, when it trains on targets, its sample type to
+``LOSS_SAMPLE_TYPES``).
 """
 import importlib
 import os
@@ -43,10 +45,63 @@ class RankFamily:
         return getattr(module, self.custom_text_class if custom_text else self.clip_class)
 
 
+def _import_function(path: str):
+    module, name = path.split(':')
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class SampleType:
+    """A ``--csv-dataset-sample-type`` value. Its functions are ``'module:function'`` paths, imported on first use
+    (the data builders import ``open_clip_train``)."""
+    name: str
+    data_builder: str  # (args, preprocess_fns, epoch=, tokenizer=) -> OpenCLIP's {'train': DataInfo, 'val': ...}
+    data_check: str  # (args) -> None: the CSV/shard checks run before the run creates logs/<name>; raises
+    validation: str  # (model, info, args, epoch=) -> metrics dict, for the 'val' DataInfo the builder returned
+
+    def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
+        return _import_function(self.data_builder)(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+
+    def check_data(self, args) -> None:
+        _import_function(self.data_check)(args)
+
+    def validate(self, model, info, args, epoch=None) -> dict:
+        return _import_function(self.validation)(model, info, args, epoch=epoch)
+
+
+SAMPLE_TYPES: Dict[str, SampleType] = {}
+
+
+def register_sample_type(sample_type: SampleType) -> SampleType:
+    if sample_type.name == 'default':
+        raise ValueError("'default' is OpenCLIP's own CSV data, not a plugin sample type.")
+    SAMPLE_TYPES[sample_type.name] = sample_type
+    return sample_type
+
+
+register_sample_type(SampleType(
+    name='rank',  # batches of one category (instruction) each, with targets and re-worded negatives
+    data_builder='open_clip_rank.data.loaders:get_rank_data',
+    data_check='open_clip_rank.data.loaders:check_rank_data',
+    validation='open_clip_rank.evaluate:ranking_validation',
+))
+
+register_sample_type(SampleType(
+    name='ordinal',  # shuffled batches of (image, integer rank label)
+    data_builder='open_clip_rank.data.loaders:get_ordinal_data',
+    data_check='open_clip_rank.data.loaders:check_ordinal_data',
+    validation='open_clip_rank.evaluate:ordinal_validation',
+))
+
+
 FAMILIES: Dict[str, RankFamily] = {}
 
 
 def register_family(family: RankFamily) -> RankFamily:
+    unknown = [t for t in family.sample_types if t not in SAMPLE_TYPES]
+    if unknown:
+        raise ValueError(f"family {family.name!r} trains on unregistered sample type(s) {unknown}; "
+                         f"register_sample_type them first.")
     for other in FAMILIES.values():
         if other.name != family.name and family.config_key == other.config_key:
             raise ValueError(f"config key {family.config_key!r} already belongs to the {other.name} family.")
@@ -67,6 +122,11 @@ register_family(RankFamily(
     default_loss='ordinal',  # CE + KL, as the official runner
     sample_types=('ordinal',), square_resize=False,
 ))
+
+
+def families_training_on(sample_type: str):
+    """The families whose models train on ``sample_type`` (e.g. for a hint naming their model names)."""
+    return [f for f in FAMILIES.values() if sample_type in f.sample_types]
 
 
 def family_for_config(model_cfg: Optional[Mapping]) -> Optional[RankFamily]:

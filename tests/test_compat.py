@@ -191,3 +191,21 @@ def test_torch_private_names_the_adapter_uses_are_live(monkeypatch):
     with pytest.raises(compat.PatchPointMissing, match=r'TransformerEncoderLayer\._ff_block') as info:
         compat.check_torch_private_names()
     assert '\n' not in str(info.value)
+
+
+def test_sample_types_are_one_registry_entry_each(monkeypatch):
+    # what the hook, the start checks and evaluation dispatch through: every function a registered sample type
+    # names exists, and each family trains only on registered sample types
+    from open_clip_rank import registry
+    from open_clip_rank.params import sample_types
+    assert sample_types() == ('default', *registry.SAMPLE_TYPES)
+    for sample_type in registry.SAMPLE_TYPES.values():
+        for role in ('data_builder', 'data_check', 'validation'):
+            assert callable(registry._import_function(getattr(sample_type, role))), (sample_type.name, role)
+    for family in FAMILIES.values():
+        assert set(family.sample_types) <= set(registry.SAMPLE_TYPES)
+    monkeypatch.setattr(registry, 'FAMILIES', dict(FAMILIES))  # a bad registration must leave the table alone
+    new = registry.RankFamily(name='x', config_key='x_cfg', suffix='-x', model_module='m', clip_class='A',
+                              custom_text_class='B', default_loss='single-head', sample_types=('pairs',))
+    with pytest.raises(ValueError, match=r"unregistered sample type\(s\) \['pairs'\]"):
+        registry.register_family(new)

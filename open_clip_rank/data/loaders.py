@@ -1,6 +1,6 @@
 """The families' data as OpenCLIP's ``get_data`` returns it: ``{'train': DataInfo, 'val': RankDataInfo}``.
 
-Used by the training hook for the families' ``--csv-dataset-sample-type`` values (``SAMPLE_TYPE_DATA``);
+The data builders and checks of the ``--csv-dataset-sample-type`` values registered in ``registry.py``;
 this is the one data module that imports ``open_clip_train`` at import time (its ``DataInfo`` / ``SharedEpoch``, through ``compat.openclip_data``).
 """
 import functools
@@ -14,12 +14,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 
 from ..losses import PAIR_HEAD_LOSSES, resolved_loss_name
-from ..registry import family_for_model_name
+from ..registry import families_training_on, family_for_model_name
 from ..compat import openclip_data, read_model_config
 from .dataset import RankDataset, collate_rank_batch
 from .ordinal import OrdinalDataset, collate_ordinal_batch, load_ordinal_table
 from .sampler import RankBatchSampler
-from .shards import get_ordinal_shard_data, get_rank_shard_data, uses_shards
+from .shards import check_shard_data, get_ordinal_shard_data, get_rank_shard_data, uses_shards
 from .table import RankDataError, RankTable, load_rank_table
 from .transforms import rank_transforms
 
@@ -73,7 +73,30 @@ def check_model_trains_on(args, sample_type: str):
         raise RankDataError(
             f"--csv-dataset-sample-type {sample_type} trains ranking models, but --model {args.model} is not one "
             f"(its config has no key of a family training on it); use a "
-            f"{'*-ordinal' if sample_type == 'ordinal' else '*-adapter'} model (open_clip.list_models()).")
+            f"{' or '.join('*' + f.suffix for f in families_training_on(sample_type))} model "
+            f"(open_clip.list_models()).")
+
+
+def check_rank_data(args):
+    """``--csv-dataset-sample-type rank``: the checks ``get_rank_data`` makes, before anything is built."""
+    check_model_trains_on(args, 'rank')
+    if uses_shards(args):
+        check_shard_data(args, 'rank')
+        return
+    for path, is_train in ((args.train_data, True), (args.val_data, False)):
+        if path:
+            _table_for(args, path, is_train=is_train)
+
+
+def check_ordinal_data(args):
+    """``--csv-dataset-sample-type ordinal``: the checks ``get_ordinal_data`` makes, before anything is built."""
+    check_model_trains_on(args, 'ordinal')
+    if uses_shards(args):
+        check_shard_data(args, 'ordinal')
+        return
+    for path in (args.train_data, args.val_data):
+        if path:
+            _ordinal_table(args, path, _num_ranks(args))
 
 
 def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
@@ -166,6 +189,3 @@ def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
         data['val'] = RankDataInfo(loader, table=table, sample_type='ordinal')
     return data
 
-
-# --csv-dataset-sample-type -> its get_data
-SAMPLE_TYPE_DATA = {'rank': get_rank_data, 'ordinal': get_ordinal_data}
