@@ -41,7 +41,7 @@ import uuid
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -321,28 +321,29 @@ def check_cacheable(model) -> None:
     if getattr(model, 'image_tower_eval', False):
         return  # --lock-image-eval: no module of the tower behaves differently from evaluation
     for name, module in model.visual.named_modules():
-        why = _random_in_training(module)
-        if why:
-            fix = '--lock-image-freeze-bn-stats or ' if 'BatchNorm' in why else ''
+        random_in_training = _random_in_training(module)
+        if random_in_training:
+            why, fix = random_in_training
             raise FeatureCacheError(f"--rank-feature-cache: visual.{name} {why}, so a cached output would differ "
                                     f"from the tower's; add {fix}--lock-image-eval (the locked tower then runs in "
                                     f"eval mode, cached or not).")
 
 
-def _random_in_training(module: nn.Module) -> Optional[str]:
-    """Why ``module`` makes a frozen tower's output depend on the batch or on chance in training mode, or None."""
+def _random_in_training(module: nn.Module) -> Optional[Tuple[str, str]]:
+    """(why ``module`` makes a frozen tower's output depend on the batch or on chance in training mode, a fix of
+    its own besides --lock-image-eval), or None."""
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.dropout import _DropoutNd
     from open_clip.transformer import PatchDropout
     if isinstance(module, _BatchNorm):
-        return "is a BatchNorm that uses batch statistics in training"
+        return "is a BatchNorm that uses batch statistics in training", '--lock-image-freeze-bn-stats or '
     if isinstance(module, _DropoutNd) and module.p > 0:
-        return f"drops at random in training (p={module.p})"
+        return f"drops at random in training (p={module.p})", ''
     if isinstance(module, PatchDropout) and module.prob > 0:
-        return f"drops patches at random in training (prob={module.prob})"
+        return f"drops patches at random in training (prob={module.prob})", ''
     drop_prob = getattr(module, 'drop_prob', 0)  # timm's DropPath / DropBlock
     if isinstance(drop_prob, (int, float)) and drop_prob > 0:
-        return f"drops residual branches at random in training ({type(module).__name__}, drop_prob={drop_prob})"
+        return f"drops residual branches at random in training ({type(module).__name__}, drop_prob={drop_prob})", ''
     return None
 
 

@@ -154,7 +154,7 @@ class RankAdapterMixin(RankModel):
             # --lock-image-eval: a frozen tower's stochastic depth, dropout and BatchNorm batch statistics only make
             # its features random; run it as at evaluation (this is also what --rank-feature-cache can store)
             self.image_tower_eval = True
-            self.visual.train(False)
+            self.train(self.training)  # train() keeps the locked tower in eval mode from now on
             _logger.info("Image tower locked in eval mode (--lock-image-eval): no stochastic depth, dropout or "
                          "BatchNorm batch statistics while training.")
         note_image_tower_locked(self)  # --rank-feature-cache builds its data side from the locked model
