@@ -12,7 +12,7 @@ from setuptools.command.build_py import build_py
 PTH_NAME = 'open_clip_rank-autoload.pth'  # sorts after setuptools' __editable__ finders
 PTH_LINE = (
     "import os; os.environ.get('OPEN_CLIP_RANK_AUTOLOAD', '1').strip().lower() in ('0', 'false', 'no', 'off') "
-    "or __import__('open_clip_rank._bootstrap', fromlist=['autoload']).autoload()\n"
+    "or __import__('open_clip_rank.integration._bootstrap', fromlist=['autoload']).autoload()\n"
 )
 
 

@@ -4,11 +4,11 @@ Importing this package is cheap (no torch): it arranges for ``register()`` to ru
 ``open_clip`` is imported, or right away if it already is. After that, OpenCLIP itself knows the
 plugin's models (``open_clip.create_model('convnext_large_d_320-adapter')``) and training flags.
 """
-from . import _bootstrap
+from .integration import _bootstrap
 from .version import __version__
 
 _LAZY = {
-    'register': 'hook',
+    'register': 'integration.hook',
     'FAMILIES': 'registry',
     'RankFamily': 'registry',
     'SAMPLE_TYPES': 'registry',
@@ -34,7 +34,7 @@ def __getattr__(name):
 
 
 def _register_now(_module=None):
-    from .hook import register
+    from .integration.hook import register
     register()
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .checkpoint_files import atomic_write
+from .files.atomic import atomic_write
 
 DEMO_MODEL = 'demo-vit-adapter'
 # Small enough to train from scratch on 2 CPU cores in about a minute; LayerNorm-only towers,
@@ -87,8 +87,8 @@ def train(args, data, out: Path, config_dir: Path):
 
 def rank_validation(data, checkpoint: Path, out: Path):
     from .inference import load_rank_model, score_rows
-    from .contact_sheet import make_contact_sheet
-    from .metrics import ranking_metrics
+    from .pictures.contact_sheet import make_contact_sheet
+    from .evaluation.metrics import ranking_metrics
     from .rank import rank_within_prompts
     import pandas as pd
     model, transform, tokenizer = load_rank_model(DEMO_MODEL, checkpoint_path=str(checkpoint), device='cpu')
@@ -110,7 +110,7 @@ def main(argv=None):
     config_dir = write_demo_config(out / 'model_configs')
     os.environ['OPEN_CLIP_RANK_MODEL_CONFIGS'] = str(config_dir)  # this process loads the checkpoint too
 
-    from .synthetic import make_counting_dataset
+    from .synthetic.counting import make_counting_dataset
     data = make_counting_dataset(out / 'data', train_per_count=args.train_per_count,
                                  val_per_count=args.val_per_count, image_size=64, seed=args.seed)
     print(f"Data: {data['num_train']} train / {data['num_val']} val images in {out / 'data'}", flush=True)
@@ -119,7 +119,7 @@ def main(argv=None):
     checkpoint = run / 'checkpoints' / f'epoch_{args.epochs}.pt'
     metrics, sheet = rank_validation(data, checkpoint, out)
 
-    from .metrics import format_metrics_table
+    from .evaluation.metrics import format_metrics_table
     print('\nValidation ranking (held-out images, each scored under its own instruction):')
     print(format_metrics_table(metrics))
     with atomic_write(out / 'val_metrics.json') as f:

@@ -20,6 +20,7 @@ from PIL import Image
 import open_clip
 
 from .data.transforms import rank_transforms
+from .files.atomic import atomic_path
 from .registry import FAMILIES, family_for_config, family_for_model
 
 _logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _create(name, checkpoint_path, device, precision):
     ``local-dir:`` and ``hf-hub:`` names (it loads their own weights, or none); there the model is built
     without them and the checkpoint loaded through the same ``open_clip.load_checkpoint``.
     """
-    from .compat import split_model_name
+    from .integration.compat import split_model_name
     schema, _ = split_model_name(name)
     if checkpoint_path is None or schema is None:
         return open_clip.create_model_and_transforms(name, pretrained=checkpoint_path, precision=precision,
@@ -84,8 +85,8 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     rank model left with no loaded weights at all raises ``UninitialisedModelError`` unless
     ``random_weights=True`` asks for random weights explicitly.
     """
-    from .checkpoint_files import base_weights_from, check_readable, loaded_from
-    from .preflight import check_model_name
+    from .files.checkpoints import base_weights_from, check_readable, loaded_from
+    from .integration.start_checks import check_model_name
     if (model is None) == (config_path is None):
         raise ValueError("give exactly one of a model name (--model) or a model config file (--config-path).")
     if random_weights and checkpoint_path is not None:
@@ -98,7 +99,7 @@ def load_rank_model(model: Optional[str] = None, config_path=None, checkpoint_pa
     if model is not None:
         check_model_name(model)
     name = model if model is not None else _register_config_file(config_path)
-    from .compat import split_model_name
+    from .integration.compat import split_model_name
     no_weights = UninitialisedModelError(
         f"model {name} holds no trained weights (no checkpoint given, none in its source), so it would rank with "
         f"random ones: pass --checkpoint-path CKPT (checkpoint_path=), or --random-weights (random_weights=True) "
@@ -289,11 +290,8 @@ def export_prototypes(model, path) -> torch.Tensor:
         raise ValueError(f"{model.family_name} models have no rank prototypes to export.")
     payload = {'prototypes': prototypes.detach().float().cpu(), 'family': model.family_name,
                'num_ranks': int(prototypes.shape[0])}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return payload['prototypes']
 
 

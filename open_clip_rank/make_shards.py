@@ -1,9 +1,9 @@
-"""Convert a rank (or ordinal) CSV into webdataset shards for ``--dataset-type webdataset``.
+"""Convert a sample type's training data (e.g. a rank CSV) into webdataset shards for ``--dataset-type webdataset``.
 
-    python -m open_clip_rank.make_shards rank.csv out/ --shard-size 1000 [--sample-type rank|ordinal]
+    python -m open_clip_rank.make_shards rank.csv out/ --shard-size 1000 [--sample-type rank]
 
-Reads the CSV with the same validation as training (``load_rank_table`` / ``load_ordinal_table``: the same
-bad rows are refused, one line each), writes ``out/000000.tar ...`` (each written to a temporary name and
+Reads the data with the same validation as training (the sample type's ``shard_records``: the same bad rows
+are refused, one line each), writes ``out/000000.tar ...`` (each written to a temporary name and
 renamed when complete) with ``<key>.<image ext>`` + ``<key>.json`` per row and OpenCLIP's ``sizes.json``,
 and prints as its last line the brace-expanded URL for ``--train-data`` and the sample count for
 ``--train-num-samples``, e.g. ``out/{000000..000004}.tar 1000``.
@@ -17,63 +17,41 @@ import sys
 import tarfile
 import time
 
+from . import registry
 from .data.table import RankDataError
+from .files.atomic import atomic_write, temporary_name
+from .files.images import SHARD_IMAGE_KEYS
 
 _logger = logging.getLogger(__name__)
 
-KEEP_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
+# files in a format a shard holds are copied as they are (.jpeg as 'jpg'); others are re-encoded as png
+KEEP_EXTENSIONS = {f'.{key}': 'jpg' if key == 'jpeg' else key for key in SHARD_IMAGE_KEYS}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m open_clip_rank.make_shards', description=__doc__.split('\n\n')[0])
-    p.add_argument('csv', help='rank CSV (filepath, title, cname, value[, sample_weights_by_class]) or ordinal data')
+    p.add_argument('csv', help='data in the training format of --sample-type (e.g. a rank CSV: filepath, title, cname, '
+                               'value[, sample_weights_by_class])')
     p.add_argument('out', help='output folder for the shards and sizes.json')
     p.add_argument('--shard-size', type=int, default=1000, help='samples per shard')
-    p.add_argument('--sample-type', choices=('rank', 'ordinal'), default='rank')
+    p.add_argument('--sample-type', choices=tuple(t for t, spec in registry.SAMPLE_TYPES.items() if spec.shard_records),
+                   default='rank', help='the --csv-dataset-sample-type the shards will train')
     p.add_argument('--csv-separator', default='\t')
     p.add_argument('--csv-img-key', default='filepath')
     p.add_argument('--csv-caption-key', default='title')
     p.add_argument('--csv-value-key', default='value')
-    p.add_argument('--csv-category-key', default='cname')
-    p.add_argument('--csv-weight-key', default='sample_weights_by_class')
-    p.add_argument('--negative-ratio', type=float, default=0.2,
-                   help='rank: the --negative-ratio you will train with (default: training\'s); above 0 every '
-                        'caption must contain its category, as the CSV path checks (negatives re-word it)')
-    p.add_argument('--num-ranks', type=int, default=100, help='ordinal: labels must lie in [0, num-ranks)')
-    p.add_argument('--image-root', default=None, help='ordinal: folder relative image paths resolve against')
+    p.add_argument('--image-root', default=None, help='folder relative image paths resolve against (where the '
+                                                       'sample type supports it)')
     p.add_argument('--seed', type=int, default=0, help='rows are shuffled with this seed so that shards mix '
                                                     'categories (streamed buckets fill evenly)')
     p.add_argument('--no-shuffle', action='store_true', help='keep the CSV row order')
     p.add_argument('--no-progress', action='store_true')
+    for hook in registry.all_hooks('add_shard_args'):  # the sample types' own flags
+        registry.import_function(hook)(p)
     args = p.parse_args(argv)
     if args.shard_size < 1:
         p.error(f"--shard-size must be >= 1, got {args.shard_size}.")
     return args
-
-
-def _rank_records(args):
-    from .data.table import load_rank_table
-    t = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                        value_key=args.csv_value_key, category_key=args.csv_category_key,
-                        weight_key=args.csv_weight_key, sep=args.csv_separator,
-                        check_category_in_caption=args.negative_ratio > 0)
-    for i, path in enumerate(t.paths):
-        meta = {'value': float(t.values[i]), 'category': t.category_names[t.category_ids[i]],
-                'caption': t.captions[i]}
-        if t.weights is not None:
-            meta['weight'] = float(t.weights[i])
-        yield path, meta
-
-
-def _ordinal_records(args):
-    from .data.ordinal import load_ordinal_table
-    t = load_ordinal_table(args.csv, args.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
-                           sep=args.csv_separator, image_root=args.image_root)
-    for path, labels in zip(t.paths, t.labels):
-        meta = {'value': labels[len(labels) // 2]}
-        if len(labels) > 1:
-            meta['labels'] = labels
-        yield path, meta
 
 
 def _image(path):
@@ -121,7 +99,7 @@ def write_shards(records, out, shard_size, total=None, progress=True):
                     tar.close()
                     os.replace(tmp, os.path.join(out, name))
                 name = f"{written // shard_size:06d}.tar"
-                tmp = os.path.join(out, f".{name}.tmp")
+                tmp = temporary_name(os.path.join(out, name))
                 tar = tarfile.open(tmp, 'w')
                 sizes[name] = 0
             key = f"{written:09d}"
@@ -142,10 +120,8 @@ def write_shards(records, out, shard_size, total=None, progress=True):
         _logger.warning(f"{skipped} unreadable image(s) left out of the shards")
     if not sizes:
         raise RankDataError(f"no readable image among {skipped} row(s): nothing to write to {out}.")
-    sizes_tmp = os.path.join(out, '.sizes.json.tmp')
-    with open(sizes_tmp, 'w') as f:
+    with atomic_write(os.path.join(out, 'sizes.json')) as f:
         json.dump(sizes, f, indent=1)
-    os.replace(sizes_tmp, os.path.join(out, 'sizes.json'))
     return sizes
 
 
@@ -159,7 +135,8 @@ def shard_url(out, sizes) -> str:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        records = list((_rank_records if args.sample_type == 'rank' else _ordinal_records)(args))
+        shard_records = registry.import_function(registry.SAMPLE_TYPES[args.sample_type].shard_records)
+        records = list(shard_records(args))
         if not args.no_shuffle:
             import random
             random.Random(args.seed).shuffle(records)

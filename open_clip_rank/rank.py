@@ -1,17 +1,19 @@
 """Rank images by an instruction with a trained model: ``python -m open_clip_rank.rank``.
 
 Two inputs:
-* a CSV in the training format (filepath, title, cname[, value]): every image is scored under its
-  own row's instruction; with a value column, per-category and mean metrics are written too;
+* a CSV in the format of the model's data (its family's sample type reads it, e.g. filepath, title, cname[,
+  value] for adapter models): every image is scored under its own row's instruction; with ground truth,
+  the sample type's metrics are written too;
 * ``--images FOLDER --prompt "Rank the numbers of cat." [--prompt ...]``: every image under each prompt.
 
-Ordinal models (``*-ordinal``) need no prompt (their rank prompts are learned): ``--images FOLDER`` or a
-CSV / official list file (filepath[, value] or ``path label``); each image gets its expected and argmax
-rank, MAE / accuracy when labels are present, optionally class probabilities and pictures.
+Models whose prompts are learned (``needs_prompt`` False, e.g. ``*-ordinal``) take no prompt; every prediction
+their family makes per image (``rank_predictions``: e.g. expected and argmax rank) becomes a column.
 
-Writes ``<output>.csv`` (image, prompt, score, rank[, category, target], skipped), ``<output>.json`` (the
-skipped unreadable images, the metrics when ground truth is present), optionally a contact sheet PNG; each
-file is written atomically. Unreadable images are listed as skipped, never ranked.
+Writes ``<output>.csv`` (image, prompt, score, rank[, other predictions, category, target], skipped),
+``<output>.json`` (the skipped unreadable images, the metrics when ground truth is present), optionally a
+contact sheet PNG; each file is written atomically. Unreadable images are listed as skipped, never ranked.
+Everything family-specific comes from the registry (the sample type's ``read_rows``, ``report`` and CLI
+flags) and the rank-model protocol, never from a family's modules.
 """
 import argparse
 import csv
@@ -20,9 +22,9 @@ import logging
 import sys
 from pathlib import Path
 
-_logger = logging.getLogger(__name__)
+from . import registry
 
-IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+_logger = logging.getLogger(__name__)
 
 
 def build_parser():
@@ -30,7 +32,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group('input (one of)')
     src.add_argument('--data-to-inference', '--csv', dest='csv', type=str, default=None,
-                     help='CSV in the training format (filepath, title, cname[, value]).')
+                     help='CSV in the training format of the model\'s data (adapter: filepath, title, cname[, value]).')
     src.add_argument('--images', type=str, default=None, help='Folder of images (searched recursively).')
     src.add_argument('--prompt', action='append', default=None,
                      help='Instruction for --images; repeat for several (each image is scored under each).')
@@ -52,17 +54,15 @@ def build_parser():
                      help='Also rank each prompt\'s set with the pair head (mean pairwise win probability).')
     out.add_argument('--contact-sheet', type=str, default=None, help='PNG of the ranked images per prompt.')
     out.add_argument('--sheet-max-images', type=int, default=40, help='Thumbnails per prompt in the contact sheet.')
-    ordinal = p.add_argument_group('ordinal models')
-    ordinal.add_argument('--probabilities', action='store_true', help='Write each image\'s rank probabilities '
-                         'to the JSON output.')
-    ordinal.add_argument('--plots', type=str, default=None, help='Folder for the prototype similarity picture '
-                         '(and predicted-vs-true, with labels).')
-    ordinal.add_argument('--prototypes', type=str, default=None,
+    learned = p.add_argument_group('models with learned prompts (no --prompt)')
+    learned.add_argument('--probabilities', action='store_true', help='Write each image\'s rank probabilities '
+                         '(its non-scalar predictions) to the JSON output.')
+    learned.add_argument('--prototypes', type=str, default=None,
                          help='Exported prototype file: rank with these (image tower only).')
-    ordinal.add_argument('--export-prototypes', type=str, default=None,
+    learned.add_argument('--export-prototypes', type=str, default=None,
                          help='Write the model\'s rank prototypes to this file (for --prototypes).')
-    ordinal.add_argument('--image-root', type=str, default=None,
-                         help='Folder that relative image paths of an ordinal CSV / list file resolve against.')
+    learned.add_argument('--image-root', type=str, default=None,
+                         help='Folder that relative image paths of a CSV / list file resolve against.')
     out.add_argument('--batch-size', type=int, default=64)
     out.add_argument('--csv-separator', type=str, default='\t')
     out.add_argument('--csv-img-key', type=str, default='filepath')
@@ -70,31 +70,17 @@ def build_parser():
     out.add_argument('--csv-category-key', type=str, default='cname')
     out.add_argument('--csv-value-key', type=str, default='value')
     out.add_argument('--no-progress', action='store_true', help='No progress bar.')
+    for hook in registry.all_hooks('add_cli_args'):  # the sample types' own flags
+        registry.import_function(hook)(p)
     return p
 
 
-def find_images(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--images {folder} is not a folder.")
-    images = sorted(str(p) for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}.")
-    return images
-
-
-def read_csv_rows(args):
-    """-> list of dicts with image, prompt, category, target (None when there is no value column).
-
-    Same reader and checks as training data; images are not required to exist (unreadable ones are skipped).
-    """
-    from .data import load_rank_table
-    table = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                            value_key=args.csv_value_key, category_key=args.csv_category_key, weight_key=None,
-                            sep=args.csv_separator, require_category=False, require_value=False, check_files=False)
-    targets = [None] * len(table) if table.values is None else table.values.tolist()
-    return [{'image': path, 'prompt': prompt, 'category': table.category_names[c], 'target': target}
-            for path, prompt, c, target in zip(table.paths, table.captions, table.category_ids.tolist(), targets)]
+def folder_rows(args, prompts):
+    """Every image under ``--images`` under each prompt (one empty prompt for models with learned prompts)."""
+    from .files.images import find_images
+    images = find_images(args.images, flag='--images')
+    return [{'image': image, 'prompt': prompt, 'category': prompt, 'target': None}
+            for prompt in prompts for image in images]
 
 
 def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
@@ -113,23 +99,23 @@ def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
             rows[i][out] = rank
 
 
-def score(args, model, transform, tokenizer):
-    """-> list of result rows (image, prompt, score[, pairwise_score], category, target) and skipped images."""
+def score_prompted(args, model, rows, transform, tokenizer):
+    """Models ranking by an instruction: each row's score under its prompt; -> skipped [(image, reason)]."""
     from .inference import pairwise_scores, score_images, score_rows
     progress = not args.no_progress
     if args.csv:
-        rows = read_csv_rows(args)
         scores, skipped = score_rows(model, [r['image'] for r in rows], [r['prompt'] for r in rows], transform,
                                      tokenizer, batch_size=args.batch_size, progress=progress)
         for r, s in zip(rows, scores.tolist()):
             r['score'] = s
         skipped = [(rows[i]['image'], why) for i, why in skipped]
-    else:
-        images = find_images(args.images)
+    else:  # a folder: each image decoded and through the tower once, scored under every prompt
+        images = list(dict.fromkeys(r['image'] for r in rows))
         scores, skipped = score_images(model, images, args.prompt, transform, tokenizer,
                                        batch_size=args.batch_size, progress=progress)
-        rows = [{'image': image, 'prompt': prompt, 'score': scores[i, t].item(), 'category': prompt, 'target': None}
-                for t, prompt in enumerate(args.prompt) for i, image in enumerate(images)]
+        for t, prompt in enumerate(args.prompt):
+            for i, r in enumerate(rows[t * len(images):(t + 1) * len(images)]):
+                r['score'] = scores[i, t].item()
         skipped = [(images[i], why) for i, why in skipped]
     mark_skipped(rows, skipped)
     if args.pairwise:
@@ -139,35 +125,15 @@ def score(args, model, transform, tokenizer):
                                       batch_size=args.batch_size, progress=progress)
             for r, s in zip(members, pair.tolist()):
                 r['pairwise_score'] = s
-    return rows, skipped
+    return skipped
 
 
-def mark_skipped(rows, skipped):
-    """Rows of unreadable images keep their reason under 'skipped' and lose their predictions: never ranked."""
-    reasons = dict(skipped)
-    for r in rows:
-        r['skipped'] = reasons.get(r['image'])
-        if r['skipped'] is not None:
-            for key in ('score', 'expected_rank', 'predicted_rank'):
-                if key in r:
-                    r[key] = None
-
-
-def score_learned_prompts(args, model, transform):
-    """Models without instructions (ordinal): every prediction per image. -> (rows, skipped, extras)."""
-    from .data.ordinal import load_ordinal_table
+def score_learned_prompts(args, model, rows, transform):
+    """Models without instructions: every per-image prediction as a column. -> (skipped, extras)."""
     from .inference import predict_images
-    if args.csv:
-        table = load_ordinal_table(args.csv, model.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
-                                   sep=args.csv_separator, image_root=args.image_root, check_files=False,
-                                   require_labels=False)
-        images, targets = table.paths, table.eval_labels() or [None] * len(table)
-    else:
-        images = find_images(args.images)
-        targets = [None] * len(images)
+    images = [r['image'] for r in rows]
     outputs, skipped = predict_images(model, images, transform, batch_size=args.batch_size,
                                       progress=not args.no_progress)
-    rows = [{'image': image, 'prompt': '', 'category': '', 'target': target} for image, target in zip(images, targets)]
     for name, values in outputs.items():
         if values.ndim == 1:
             for r, v in zip(rows, values.tolist()):
@@ -177,14 +143,26 @@ def score_learned_prompts(args, model, transform):
         if probs is not None else {}
     skipped = [(images[i], why) for i, why in skipped]
     mark_skipped(rows, skipped)
-    return rows, skipped, extras
+    return skipped, extras
+
+
+def mark_skipped(rows, skipped):
+    """Rows of unreadable images keep their reason under 'skipped' and lose their predictions: never ranked."""
+    reasons = dict(skipped)
+    for r in rows:
+        r['skipped'] = reasons.get(r['image'])
+        if r['skipped'] is not None:
+            for key in r.keys() - {'image', 'prompt', 'category', 'target', 'skipped'}:
+                r[key] = None
 
 
 def write_results(rows, path, pairwise):
     """The ranked rows per prompt in rank order, then the skipped images (reason in 'skipped', no score)."""
-    from .checkpoint_files import atomic_write
-    columns = ['image', 'prompt', 'score', 'rank'] + (['pairwise_score', 'pairwise_rank'] if pairwise else []) \
-        + [c for c in ('expected_rank', 'predicted_rank') if rows and c in rows[0]] \
+    from .files.atomic import atomic_write
+    base = ['image', 'prompt', 'score', 'rank']
+    predictions = [c for c in (rows[0] if rows else {}) if c not in (*base, 'category', 'target', 'skipped')
+                   and not c.startswith('pairwise_')]
+    columns = base + (['pairwise_score', 'pairwise_rank'] if pairwise else []) + predictions \
         + ['category', 'target', 'skipped']
     with atomic_write(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns, delimiter=',', extrasaction='ignore')
@@ -193,60 +171,34 @@ def write_results(rows, path, pairwise):
             writer.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in columns})
 
 
-# The pairwise score is a mean win probability in [0, 1]: only order-based metrics compare it with targets
-# (PLCC and MAE would measure its scale against the targets', which means nothing).
-PAIRWISE_METRICS = ('srcc', 'krcc', 'pair_acc')
+def score(args, model, transform, tokenizer):
+    """-> (rows, skipped, extras): the input read (the model's sample type reads CSVs) and scored."""
+    task = registry.sample_type_of_model(model)
+    if args.csv:
+        rows = registry.import_function(task.read_rows)(args, model)
+    else:
+        rows = folder_rows(args, args.prompt if model.needs_prompt else [''])
+    if model.needs_prompt:
+        return rows, score_prompted(args, model, rows, transform, tokenizer), {}
+    skipped, extras = score_learned_prompts(args, model, rows, transform)
+    return rows, skipped, extras
 
 
-def order_metrics_only(metrics):
-    """The entries of a ``ranking_metrics`` dict that depend on the order of the scores alone."""
-    from .metrics import METRIC_NAMES
-    return {k: v for k, v in metrics.items()
-            if k.rpartition('/')[2] in PAIRWISE_METRICS or k.rpartition('/')[2] not in METRIC_NAMES}
-
-
-def compute_metrics(rows, round_scores=False, key='score'):
-    import numpy as np
-    from .metrics import ranking_metrics, round_predictions
-    usable = [r for r in rows if r['target'] is not None and r.get(key) is not None and np.isfinite(r[key])]
-    if not usable:
-        return None
-    preds = np.array([r[key] for r in usable])
-    if round_scores:
-        preds = round_predictions(preds)
-    return ranking_metrics(preds, np.array([r['target'] for r in usable]), [r['category'] for r in usable])
-
-
-def ordinal_report(args, model, rows, extras):
-    """Metrics (MAE / accuracy by expectation and argmax) when labels are present, pictures, exported prototypes."""
-    from .inference import export_prototypes
-    from .metrics import ordinal_metrics, prototype_ordinality
-    report = dict(extras)
-    prototypes = model.rank_prototypes().float().cpu().numpy()
-    report['ordinality'] = prototype_ordinality(prototypes)
-    labelled = [r for r in rows if r['target'] is not None and r.get('expected_rank') == r.get('expected_rank')]
-    if labelled:
-        report['metrics'] = ordinal_metrics([r['expected_rank'] for r in labelled],
-                                            [r['predicted_rank'] for r in labelled], [r['target'] for r in labelled])
-        print('\n'.join(f"{name:>8}: {value:.4f}" for name, value in report['metrics'].items()))
-    if args.plots:
-        from .plots import confusion_png, prototype_similarity_png
-        prototype_similarity_png(prototypes, Path(args.plots) / 'prototype_similarity.png', report['ordinality'])
-        if labelled:
-            confusion_png([r['target'] for r in labelled], [r['predicted_rank'] for r in labelled], model.num_ranks,
-                          Path(args.plots) / 'predicted_vs_true.png')
-    if args.export_prototypes:
-        export_prototypes(model, args.export_prototypes)
-        _logger.info(f"Prototypes: {args.export_prototypes}")
-    return report
+def check_request(args, model):
+    """What this model cannot do with these flags: one line each (ValueError)."""
+    if args.csv and not registry.sample_type_of_model(model).read_rows:
+        raise ValueError(f"{model.family_name} models have no CSV reader registered; rank a folder with --images.")
+    if args.pairwise and not model.supports_pairwise:
+        raise ValueError(f"{model.family_name} models have no pair head; rank without --pairwise.")
+    if model.needs_prompt and args.images and not args.prompt:
+        raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
-    from .compat import quiet_torch_loggers
+    from .integration.compat import quiet_torch_loggers
     quiet_torch_loggers()  # root INFO must not pass torch's internal reports
-    extras = None
     try:
         if bool(args.csv) == bool(args.images):
             raise ValueError("give exactly one input: --data-to-inference/--csv CSV or --images FOLDER.")
@@ -259,14 +211,12 @@ def main(argv=None):
                                                       random_weights=args.random_weights)
         if args.prototypes:
             load_prototypes(model, args.prototypes)
-        if not model.needs_prompt:
-            if args.pairwise:
-                raise ValueError(f"{model.family_name} models have no pair head; rank without --pairwise.")
-            rows, skipped, extras = score_learned_prompts(args, model, transform)
-        else:
-            if args.images and not args.prompt:
-                raise ValueError("--images needs at least one --prompt \"Rank the ...\".")
-            rows, skipped = score(args, model, transform, tokenizer)
+        check_request(args, model)
+        if args.export_prototypes:
+            from .inference import export_prototypes
+            export_prototypes(model, args.export_prototypes)
+            _logger.info(f"Prototypes: {args.export_prototypes}")
+        rows, skipped, extras = score(args, model, transform, tokenizer)
     except (ValueError, FileNotFoundError) as err:
         print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
         return 2
@@ -278,28 +228,18 @@ def main(argv=None):
     write_results(rows, output.with_suffix('.csv'), args.pairwise)
     report = {'num_images': len({r['image'] for r in rows}), 'num_prompts': len({r['prompt'] for r in rows}),
               'num_ranked': len({r['image'] for r in rows if r['skipped'] is None}),
-              'skipped': [{'image': image, 'reason': why} for image, why in skipped]}
-    metrics = compute_metrics(rows, args.round) if extras is None else None
-    if extras is not None:
-        report.update(ordinal_report(args, model, rows, extras))
-    if metrics is not None:
-        from .metrics import format_metrics_table
-        report['metrics'] = metrics
-        print(format_metrics_table(metrics))
-        if args.pairwise:  # mean win probabilities: ranked, not rounded; order-based metrics only
-            pairwise = compute_metrics(rows, key='pairwise_score')
-            if pairwise is not None:
-                report['pairwise_metrics'] = order_metrics_only(pairwise)
-                print('\nPair head (--pairwise, mean win probability; order-based metrics only):')
-                print(format_metrics_table(report['pairwise_metrics'], metric_names=PAIRWISE_METRICS))
-    from .checkpoint_files import atomic_write
+              'skipped': [{'image': image, 'reason': why} for image, why in skipped], **extras}
+    task = registry.sample_type_of_model(model)
+    if task.report:
+        report.update(registry.import_function(task.report)(args, model, rows))
+    from .files.atomic import atomic_write
     with atomic_write(output.with_suffix('.json'), 'w') as f:
         json.dump(report, f, indent=2)
     if skipped:
         _logger.warning(f"{len(skipped)} unreadable image(s) skipped, not ranked; listed in "
                         f"{output.with_suffix('.json')} and, without a rank, in {output.with_suffix('.csv')}.")
     if args.contact_sheet:
-        from .contact_sheet import make_contact_sheet
+        from .pictures.contact_sheet import make_contact_sheet
         make_contact_sheet([r for r in rows if r['skipped'] is None], args.contact_sheet,
                            max_images=args.sheet_max_images)
         _logger.info(f"Contact sheet: {args.contact_sheet}")

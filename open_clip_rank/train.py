@@ -9,7 +9,7 @@ import sys
 
 
 def main(argv=None):
-    from .hook import register
+    from .integration.hook import register
     register()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

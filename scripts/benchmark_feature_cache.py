@@ -70,7 +70,7 @@ def main(argv=None):
     from open_clip_rank.data import RankBatchSampler, RankDataset, collate_rank_batch, load_rank_table
     from open_clip_rank.data.cached import CachedRankDataset, collate_cached_rank_batch
     from open_clip_rank.data.transforms import rank_transforms
-    from open_clip_rank.feature_cache import build_cache
+    from open_clip_rank.data.feature_cache import build_cache
     from open_clip_rank.losses.ranking import RankingLoss
     from open_clip_rank.models.adapter import set_tower_lock_policy
 

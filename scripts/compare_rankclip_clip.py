@@ -6,7 +6,7 @@
 
 The run is ``tests/test_rankclip_training.py``'s by default: the tiny test ViT (``tests/model_configs/tiny-vit.json``)
 trained from scratch through ``open_clip_train.main`` on generated captions
-(``open_clip_rank.synthetic_captions``: 40 training images per class, 12 classes), 10 epochs of batch 16 with
+(``open_clip_rank.synthetic.captions``: 40 training images per class, 12 classes), 10 epochs of batch 16 with
 ``--accum-freq 2``, lr 2e-3, wd 0.1, 10 warm-up steps. Each (loss, seed) is one training process; the score is
 zero-shot top-1 of the final checkpoint on the 120 held-out images (chance 8.3 %).
 """
@@ -51,7 +51,7 @@ def main(argv=None):
     args = parse_args(argv)
     import open_clip
     open_clip.add_model_config(TEST_CONFIGS)
-    from open_clip_rank.synthetic_captions import make_caption_dataset, zero_shot_accuracy
+    from open_clip_rank.synthetic.captions import make_caption_dataset, zero_shot_accuracy
     with tempfile.TemporaryDirectory() as workdir:
         data = make_caption_dataset(os.path.join(workdir, 'data'), train_per_class=40, val_per_class=10)
         scores = {}

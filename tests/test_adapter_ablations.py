@@ -7,7 +7,7 @@ import torch
 
 import open_clip
 from open_clip_rank.models.adapter import RankAdapterCLIP
-from open_clip_rank.models.base import RankTexts
+from open_clip_rank.data.batches import RankTexts
 
 BASE = json.loads(open(__import__('conftest').TEST_CONFIG_DIR / 'tiny-vit-adapter.json').read())
 

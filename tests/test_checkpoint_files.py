@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from open_clip_rank import checkpoint_files as cf
+from open_clip_rank.files import atomic
+from open_clip_rank.files import checkpoints as cf
 
 
 def _save(path, epoch):
@@ -45,7 +46,7 @@ def test_atomic_writes_leave_old_file_or_new_file_never_a_temporary(tmp_path):
     target = tmp_path / 'out.json'
     target.write_text('old')
     with pytest.raises(KeyboardInterrupt):
-        with cf.atomic_write(target) as f:
+        with atomic.atomic_write(target) as f:
             f.write('half')
             raise KeyboardInterrupt
     assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['out.json']
@@ -55,11 +56,11 @@ def test_atomic_writes_leave_old_file_or_new_file_never_a_temporary(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cf.atomic_torch_save(interrupted_save, {'x': 1}, tmp_path / 'epoch_1.pt')
+        atomic.atomic_torch_save(interrupted_save, {'x': 1}, tmp_path / 'epoch_1.pt')
     assert [p.name for p in tmp_path.iterdir()] == ['out.json']
-    cf.atomic_torch_save(torch.save, {'x': 2}, tmp_path / 'epoch_1.pt')
+    atomic.atomic_torch_save(torch.save, {'x': 2}, tmp_path / 'epoch_1.pt')
     assert torch.load(tmp_path / 'epoch_1.pt')['x'] == 2
-    assert not cf.temporary_name(tmp_path / 'epoch_1.pt').endswith('.pt')  # never a --resume latest candidate
+    assert not atomic.temporary_name(tmp_path / 'epoch_1.pt').endswith('.pt')  # never a --resume latest candidate
 
 
 def test_resume_latest_falls_back_to_the_newest_readable_checkpoint(tmp_path, caplog):

@@ -15,7 +15,7 @@ from PIL import Image
 
 import open_clip
 from open_clip_rank import CheckpointMismatchError
-from open_clip_rank.checkpoint_files import UnreadableCheckpointError
+from open_clip_rank.files.checkpoints import UnreadableCheckpointError
 from open_clip_rank.inference import UninitialisedModelError, load_rank_model, score_images
 from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
 

@@ -16,7 +16,7 @@ import open_clip_train.logger
 import open_clip_train.params
 import open_clip_train.train
 from open_clip import factory
-from open_clip_rank import compat, hook
+from open_clip_rank.integration import compat, hook
 from open_clip_rank.registry import FAMILIES
 from conftest import subprocess_env
 
@@ -84,7 +84,7 @@ def test_main_routed_elsewhere_is_detected(tmp_path, monkeypatch):
 
 def test_plugin_import_fails_loudly_when_openclip_moved():
     """A fresh interpreter whose OpenCLIP lacks a patch point: ``import open_clip`` raises one named line."""
-    code = ("import open_clip.factory as f; del f.CustomTextCLIP; import open_clip_rank.hook as h; h.register()")
+    code = ("import open_clip.factory as f; del f.CustomTextCLIP; import open_clip_rank.integration.hook as h; h.register()")
     result = subprocess.run([sys.executable, '-c', code], env=subprocess_env(OPEN_CLIP_RANK_AUTOLOAD='0'),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -163,7 +163,7 @@ def test_zero_shot_accuracy_fix_counts_as_openclip_does():
 
 def test_openclip_data_building_blocks_are_present_and_a_missing_one_is_named(monkeypatch):
     from open_clip_train import data
-    from open_clip_rank import compat
+    from open_clip_rank.integration import compat
     assert compat.openclip_data('DataInfo') is data.DataInfo
     assert len(compat.openclip_data(*compat.OPENCLIP_DATA_NAMES)) == len(compat.OPENCLIP_DATA_NAMES)
     monkeypatch.delattr(data, 'detshuffle2')
@@ -197,11 +197,11 @@ def test_sample_types_are_one_registry_entry_each(monkeypatch):
     # what the hook, the start checks and evaluation dispatch through: every function a registered sample type
     # names exists, and each family trains only on registered sample types
     from open_clip_rank import registry
-    from open_clip_rank.params import sample_types
-    assert sample_types() == ('default', *registry.SAMPLE_TYPES)
+    from open_clip_rank.integration.flags import sample_type_choices
+    assert sample_type_choices() == ('default', *registry.SAMPLE_TYPES)
     for sample_type in registry.SAMPLE_TYPES.values():
         for role in ('data_builder', 'data_check', 'validation'):
-            assert callable(registry._import_function(getattr(sample_type, role))), (sample_type.name, role)
+            assert callable(registry.import_function(getattr(sample_type, role))), (sample_type.name, role)
     for family in FAMILIES.values():
         assert set(family.sample_types) <= set(registry.SAMPLE_TYPES)
     monkeypatch.setattr(registry, 'FAMILIES', dict(FAMILIES))  # a bad registration must leave the table alone

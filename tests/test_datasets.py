@@ -1,4 +1,4 @@
-"""``python -m open_clip_rank.datasets``: tiny fake copies of each dataset in its public file layout."""
+"""``python -m open_clip_rank.prepare_datasets``: tiny fake copies of each dataset in its public file layout."""
 import json
 import os
 from collections import Counter
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from open_clip_rank import datasets as ds
+from open_clip_rank import prepare_datasets as ds
 from open_clip_rank.data.table import load_rank_table
 
 
@@ -324,7 +324,7 @@ def test_missing_files(tmp_path, capsys, name, remove, expected):
     rc, stdout, err = _run_cli(capsys, name, '--root', str(root), '--out', str(tmp_path / 'out'))
     assert rc == 2 and stdout == ''
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('open_clip_rank.datasets: error:')
+    assert len(lines) == 1 and lines[0].startswith('open_clip_rank.prepare_datasets: error:')
     assert str(root) in lines[0] and expected in lines[0]
     assert not (tmp_path / 'out' / 'train.csv').exists()
 

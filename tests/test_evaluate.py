@@ -7,8 +7,8 @@ import open_clip
 import torch
 from scipy import stats
 
-from open_clip_rank.data.loaders import get_rank_data
-from open_clip_rank.evaluate import evaluate_ranking
+from open_clip_rank.data.rank import get_rank_data
+from open_clip_rank.evaluation.validation import evaluate_ranking
 from rank_data_helpers import write_rank_csv
 
 

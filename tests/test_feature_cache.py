@@ -17,9 +17,9 @@ from open_clip_rank.data.cached import CachedRankDataset, collate_cached_rank_ba
 from open_clip_rank.data.dataset import RankDataset, collate_rank_batch
 from open_clip_rank.data.table import load_rank_table
 from open_clip_rank.data.transforms import rank_transforms
-from open_clip_rank.feature_cache import CachedImages, FeatureCacheError, build_cache, check_cacheable, open_cache
+from open_clip_rank.data.feature_cache import CachedImages, FeatureCacheError, build_cache, check_cacheable, open_cache
 from open_clip_rank.models.adapter import set_tower_lock_policy
-from open_clip_rank.params import validate_feature_cache_args
+from open_clip_rank.models.adapter_options import check_feature_cache_args as validate_feature_cache_args
 
 MODEL = 'tiny-vit-adapter'
 
@@ -180,7 +180,7 @@ def test_stochastic_depth_is_refused_unless_the_locked_tower_runs_in_eval_mode(c
 
 
 def test_lock_image_eval_flag_refusals():
-    from open_clip_rank.params import validate_lock_image_eval_args
+    from open_clip_rank.models.adapter_options import check_lock_image_eval_args as validate_lock_image_eval_args
     base = dict(lock_image_eval=True, model=MODEL, lock_image=True, lock_image_unlocked_groups=0)
     validate_lock_image_eval_args(argparse.Namespace(**base))
     for change, message in (({'lock_image': False}, 'add --lock-image'),

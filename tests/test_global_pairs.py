@@ -11,7 +11,7 @@ import open_clip
 from conftest import run_gloo_worker
 from open_clip_rank.data import RankBatchSampler, RankTable
 from open_clip_rank.losses import RankingLoss, create_loss
-from open_clip_rank.models.base import RankTexts
+from open_clip_rank.data.batches import RankTexts
 from rank_data_helpers import write_rank_csv
 
 WORKER = Path(__file__).resolve().parent / 'global_pairs_worker.py'

@@ -21,7 +21,7 @@ def test_wheel_leaves_out_the_test_fixtures_and_docs(target_install):
     """The reference fixtures (about 25 MB) and the design notes live in the repository, not in the wheel."""
     installed = [p.relative_to(target_install).as_posix() for p in target_install.rglob('*') if p.is_file()]
     assert not [p for p in installed if p.endswith('.pt') or 'fixtures' in p or 'DESIGN' in p]
-    assert 'open_clip_rank/preflight.py' in installed and 'open_clip_rank/checkpoint_files.py' in installed
+    assert 'open_clip_rank/integration/start_checks.py' in installed and 'open_clip_rank/files/checkpoints.py' in installed
 
 
 def test_autoload_can_be_disabled_and_explicit_import_still_registers(target_install):

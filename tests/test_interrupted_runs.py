@@ -62,7 +62,7 @@ def test_sigint_mid_checkpoint_write_then_resume_latest(train_csv, tmp_path):
     assert (checkpoints / 'epoch_1.pt').is_file(), output[-3000:]
     # writes are atomic: every checkpoint present is complete (readable), and no temporary file is left
     # under a checkpoint name (OpenCLIP's own in-place write would leave a truncated epoch_2.pt here)
-    from open_clip_rank.checkpoint_files import unreadable_reason
+    from open_clip_rank.files.checkpoints import unreadable_reason
     assert {p.name for p in checkpoints.glob('*.pt')} <= {'epoch_1.pt', 'epoch_2.pt', 'epoch_3.pt'}
     for written in checkpoints.glob('*.pt'):
         assert unreadable_reason(str(written)) is None, written

@@ -210,7 +210,7 @@ def test_text_side_once_per_distinct_text_gives_the_same_values_and_gradients(ck
 def test_rank_forward_encodes_each_distinct_caption_once():
     import open_clip
     import open_clip_rank  # noqa: F401
-    from open_clip_rank.models.base import RankTexts
+    from open_clip_rank.data.batches import RankTexts
     torch.manual_seed(0)
     model = open_clip.create_model('tiny-vit-adapter').eval()
     seen = []
@@ -240,7 +240,7 @@ def test_frozen_text_tower_is_encoded_once_per_caption_while_it_cannot_change():
     import open_clip
     import open_clip_rank  # noqa: F401
     from open_clip_rank.models.adapter import set_tower_lock_policy
-    from open_clip_rank.models.base import RankTexts
+    from open_clip_rank.data.batches import RankTexts
     torch.manual_seed(0)
     model = open_clip.create_model('tiny-vit-adapter').train()
     set_tower_lock_policy(True)  # --strict-tower-lock: the whole text tower frozen
@@ -275,7 +275,7 @@ def test_frozen_text_tower_is_encoded_once_per_caption_while_it_cannot_change():
 def test_trainable_text_tower_is_never_memoised():
     import open_clip
     import open_clip_rank  # noqa: F401
-    from open_clip_rank.models.base import RankTexts
+    from open_clip_rank.data.batches import RankTexts
     torch.manual_seed(0)
     model = open_clip.create_model('tiny-vit-adapter').train()
     model.lock_text_tower()  # the original lock: token embedding, positional embedding and ln_final train

@@ -1,4 +1,4 @@
-"""open_clip_rank.metrics against scipy.stats and naive references."""
+"""open_clip_rank.evaluation.metrics against scipy.stats and naive references."""
 import itertools
 import math
 import warnings
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from open_clip_rank import metrics
-from open_clip_rank.metrics import (
+from open_clip_rank.evaluation import metrics
+from open_clip_rank.evaluation.metrics import (
     METRIC_NAMES, format_metrics_table, krcc, mae, pairwise_accuracy, plcc, ranking_metrics,
     round_predictions, srcc)
 
@@ -238,7 +238,7 @@ def test_format_metrics_table():
 
 def test_official_pairwise_accuracy_restates_the_original_formula():
     """The original: np.tril_indices(n, k=1) of (pred_j - pred_i >= 0) == (target_j - target_i >= 0)."""
-    from open_clip_rank.metrics import official_pairwise_accuracy
+    from open_clip_rank.evaluation.metrics import official_pairwise_accuracy
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 37):
         pred = rng.integers(0, 4, n).astype(float)  # ties on both sides
@@ -254,7 +254,7 @@ def test_official_pairwise_accuracy_restates_the_original_formula():
 
 
 def test_ordinal_metrics_by_hand():
-    from open_clip_rank.metrics import ordinal_metrics
+    from open_clip_rank.evaluation.ordinal import ordinal_metrics
     out = ordinal_metrics(expected=[0.4, 2.6, 1.5], argmax=[0, 3, 2], labels=[0, 2, 2])
     assert out['mae_exp'] == pytest.approx((0.4 + 0.6 + 0.5) / 3)
     assert out['acc_exp'] == pytest.approx(2 / 3)  # rounded 0, 3, 2 (1.5: half to even) against 0, 2, 2
@@ -264,7 +264,7 @@ def test_ordinal_metrics_by_hand():
 def test_prototype_ordinality_as_the_official_definition():
     """Per row i, the share of columns j >= i (j < R-1) with sim(i, j) > sim(i, j+1)."""
     import numpy as np
-    from open_clip_rank.metrics import prototype_ordinality
+    from open_clip_rank.evaluation.ordinal import prototype_ordinality
     angles = np.linspace(0, np.pi / 2, 5)  # prototypes along an arc: similarity falls with rank distance
     arc = np.stack([np.cos(angles), np.sin(angles)], axis=1)
     assert prototype_ordinality(arc) == 1.0

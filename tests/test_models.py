@@ -8,7 +8,7 @@ import torch
 import open_clip
 from open_clip import pretrained as oc_pretrained
 from open_clip_rank import CheckpointMismatchError, RankAdapterCLIP, RankAdapterCustomTextCLIP
-from open_clip_rank.hook import register_derived_pretrained
+from open_clip_rank.integration.hook import register_derived_pretrained
 from conftest import fixture_path
 
 TINY = ['tiny-vit-adapter', 'tiny-convnext-adapter', 'tiny-customtext-adapter']

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CONFIG_DIR, run_openclip_main, subprocess_env
-from open_clip_rank.synthetic import make_ordinal_dataset
+from open_clip_rank.synthetic.ordinal import make_ordinal_dataset
 
 NUM_RANKS = 6
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import open_clip
-from open_clip_rank.contact_sheet import sheet_size
+from open_clip_rank.pictures.contact_sheet import sheet_size
 from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images
-from open_clip_rank.synthetic import make_counting_dataset
+from open_clip_rank.synthetic.counting import make_counting_dataset
 from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
 from rank_data_helpers import make_unreadable_image
 
@@ -160,7 +160,7 @@ def test_empty_prompt_is_refused(dataset, tmp_path, capsys):
 
 def test_contact_sheet_labels_show_targets_and_titles_keep_spaces(dataset, tmp_path):
     from PIL import ImageDraw, ImageFont
-    from open_clip_rank import contact_sheet
+    from open_clip_rank.pictures import contact_sheet
     assert contact_sheet._label({'rank': 3, 'score': 2.154, 'target': 4.0}, 'rank', 'score') == '#3: 2.15  t=4'
     assert contact_sheet._label({'rank': 3, 'score': 2.154, 'target': None}, 'rank', 'score') == '#3: 2.15'
     # the title font keeps word spaces: "numbers of" is wider than "numbersof" by more than a pixel or so

@@ -10,8 +10,8 @@ import open_clip
 from open_clip_train.data import SharedEpoch
 from open_clip_rank.data import (RankBatchSampler, RankDataError, RankDataset, RankTable, collate_rank_batch,
                                  load_rank_table)
-from open_clip_rank.data.loaders import get_rank_data
-from open_clip_rank.models.base import RankTexts
+from open_clip_rank.data.rank import get_rank_data
+from open_clip_rank.data.batches import RankTexts
 from rank_data_helpers import write_rank_csv
 
 

@@ -7,8 +7,9 @@ import torch
 
 import open_clip
 import open_clip_train.train
-from open_clip_rank import compat
-from open_clip_rank.losses import LOSSES, create_loss
+from open_clip_rank.integration import compat
+from open_clip_rank.losses import create_loss
+from open_clip_rank.registry import LOSSES
 from open_clip_rank.losses.listmle import list_mle, tie_permutation
 from open_clip_rank.losses.rankclip import RankCLIPLoss, ramp_weight
 from conftest import fixture_path
@@ -117,7 +118,7 @@ def test_train_one_epoch_tells_the_loss_openclips_epoch():
     assert compat.is_patched(open_clip_train.train.train_one_epoch)
     import open_clip_train.main as main  # main's from-import bound the dispatch
     assert compat.is_patched(main.train_one_epoch)
-    import open_clip_rank.hook as hook
+    import open_clip_rank.integration.hook as hook
     seen = []
 
     def fake_original(model, data, loss, epoch, *rest, tb_writer=None):

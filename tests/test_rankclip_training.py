@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import open_clip
-from open_clip_rank.synthetic_captions import make_caption_dataset, zero_shot_accuracy
+from open_clip_rank.synthetic.captions import make_caption_dataset, zero_shot_accuracy
 from conftest import TEST_CONFIG_DIR, subprocess_env
 
 EPOCHS = 10

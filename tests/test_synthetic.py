@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from open_clip_rank.synthetic import (
+from open_clip_rank.synthetic.counting import (
     COLUMNS, SHAPES, draw_counting_image, image_rng, make_counting_dataset)
 from rank_data_helpers import make_unreadable_image
 

@@ -30,7 +30,7 @@ def test_alias_import_first_loads_plugins_and_makes_no_copies(target_install):
 
 def test_post_import_callback_gets_the_module_in_sys_modules(target_install):
     """The alias loader swaps the real module in: callbacks for ``training.x`` receive that one."""
-    code = ("import sys; from open_clip_rank import _bootstrap; got = []; "
+    code = ("import sys; from open_clip_rank.integration import _bootstrap; got = []; "
             "_bootstrap.when_imported('training.logger', got.append); import training.logger; "
             "print(len(got), got[0] is sys.modules['open_clip_train.logger'] is training.logger)")
     result = _isolated_python(target_install, code)

@@ -87,7 +87,7 @@ def test_make_shards_checks_captions_and_skips_unreadable_images(rank_shards, tm
 def _stream(url, shared_epoch=None, batch_size=8, ratio=0.25, seed=0, rank=0):
     import webdataset as wds
     from torchvision import transforms as T
-    from open_clip_rank.data.shards import RankBuckets, decode_rank_samples
+    from open_clip_rank.data.rank_shards import RankBuckets, decode_rank_samples
     buckets = RankBuckets(batch_size, ratio, tokenizer=lambda caps: [caps[0]], seed=seed,
                           shared_epoch=shared_epoch, rank=rank)
     captured = []
@@ -107,7 +107,7 @@ def _stream(url, shared_epoch=None, batch_size=8, ratio=0.25, seed=0, rank=0):
 
 
 def test_bucketing_one_category_per_batch_negatives_from_others(rank_shards):
-    from open_clip_rank.data.shards import _category_id
+    from open_clip_rank.data.rank_shards import category_id as _category_id
     from open_clip_rank.data.sampler import FixedEpoch
     batches = _stream(rank_shards['train'], FixedEpoch(0))
     ids = {_category_id(n): n for n in ('circle', 'square')}
@@ -135,7 +135,7 @@ def test_bucketing_one_category_per_batch_negatives_from_others(rank_shards):
 
 def test_every_sample_reaches_a_batch_as_positive(tmp_path):
     """Positives are each sample exactly once per pass over a finite stream (no weights)."""
-    from open_clip_rank.data.shards import RankBuckets
+    from open_clip_rank.data.rank_shards import RankBuckets
     samples = [dict(image=torch.full((1,), float(i)), caption=f'Rank {c}.', value=float(i + 1), category=c,
                     weight=1.0) for i, c in enumerate(['a', 'b', 'c', 'a', 'a', 'b'] * 5)]
     buckets = RankBuckets(4, 0.5, tokenizer=lambda caps: torch.zeros(1, 2, dtype=torch.long))
@@ -150,7 +150,8 @@ def test_every_sample_reaches_a_batch_as_positive(tmp_path):
 
 
 def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
-    from open_clip_rank.data.shards import _Counter, decode_rank_samples
+    from open_clip_rank.data.rank_shards import decode_rank_samples
+    from open_clip_rank.data.shards import SkipCounter as _Counter
     from open_clip_rank.make_shards import write_shards
     good = tmp_path / 'ok.png'
     from PIL import Image
@@ -199,7 +200,7 @@ def test_training_from_shards_reports_rank_metrics(rank_shards, tmp_path):
 
 
 def test_ordinal_training_from_shards(tmp_path):
-    from open_clip_rank.synthetic import make_ordinal_dataset
+    from open_clip_rank.synthetic.ordinal import make_ordinal_dataset
     data = make_ordinal_dataset(tmp_path / 'ord', num_ranks=6, train_per_rank=4, val_per_rank=1, image_size=32, seed=1)
     urls = {}
     for split in ('train', 'val'):

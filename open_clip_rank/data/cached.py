@@ -5,8 +5,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..feature_cache import CachedImages, open_cache
-from ..models.base import RankTexts
+from .feature_cache import CachedImages, open_cache
+from .batches import RankTexts
 from .dataset import RankDataset
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..models.base import RankTexts
+from .batches import RankTexts
 from .table import RankTable
 
 _logger = logging.getLogger(__name__)

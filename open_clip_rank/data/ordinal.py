@@ -1,4 +1,4 @@
-"""Ordinal data: images with integer rank labels in [0, num_ranks), for ``*-ordinal`` models.
+"""The 'ordinal' sample type: images with integer rank labels in [0, num_ranks), for ``*-ordinal`` models.
 
 Two formats, told apart by the first line:
 * a CSV with a header: an image column (``--csv-img-key``) and an integer label column
@@ -8,22 +8,35 @@ Two formats, told apart by the first line:
 
 Relative image paths resolve against ``image_root`` (the official ``images_root``; default: as written).
 Every problem is one ``RankDataError`` naming the file, row and value, before training starts.
+
+What the registry asks of it (``builtin.py``): its flag checks, data checks, OpenCLIP's ``get_data`` shape (CSV and
+list files here, shards in ``ordinal_shards.py``), ``make_shards`` records and the rank CLI's rows. Validation
+metrics and pictures: ``evaluation/ordinal.py``.
 """
 import logging
 import math
 import os
 import random
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from ..models.ordinal import OrdinalTargets
+from ..registry import SAMPLE_TYPES, num_ranks_of_model_name
 from .dataset import first_readable, load_image_or_skip
-from .table import RankDataError, _preview
+from .shards import check_shard_data, uses_shards
+from .table import RankDataError, preview
 
 _logger = logging.getLogger(__name__)
+
+
+class OrdinalTargets(NamedTuple):
+    """The ``texts`` of an ordinal training batch: integer rank labels, moved by OpenCLIP's ``.to()``."""
+    labels: torch.Tensor  # [N] long, in [0, num_ranks)
+
+    def to(self, *args, **kwargs):
+        return OrdinalTargets(self.labels.to(*args, **kwargs))
 
 
 @dataclass
@@ -110,7 +123,7 @@ def load_ordinal_table(path, num_ranks: int, img_key='filepath', value_key='valu
         if missing:
             hint = '' if image_root else ' (relative paths: pass --image-root, the folder they are relative to)'
             raise RankDataError(f"{len(missing)} image file(s) listed in {path} do not exist: "
-                                f"{_preview(missing)}{hint}.")
+                                f"{preview(missing)}{hint}.")
     return OrdinalTable(paths, labels, num_ranks, str(path))
 
 
@@ -154,3 +167,103 @@ def collate_ordinal_batch(samples):
         return None
     images, labels = zip(*samples)
     return torch.stack(images), OrdinalTargets(torch.tensor(labels, dtype=torch.long))
+
+
+# --- OpenCLIP's get_data -------------------------------------------------------------------------------
+
+def check_ordinal_data(args):
+    """``--csv-dataset-sample-type ordinal``: the checks ``get_ordinal_data`` makes, before anything is built."""
+    from .loaders import check_model_trains_on  # imports open_clip_train: not at import time (models import this)
+    check_model_trains_on(args, 'ordinal')
+    if uses_shards(args):
+        check_shard_data(args, SAMPLE_TYPES['ordinal'])
+        return
+    for path in (args.train_data, args.val_data):
+        if path:
+            _ordinal_table(args, path, _num_ranks(args))
+
+
+def _num_ranks(args) -> int:
+    return num_ranks_of_model_name(args.model)
+
+
+def _ordinal_table(args, path, num_ranks):
+    return load_ordinal_table(path, num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
+                              sep=args.csv_separator, image_root=args.image_root)
+
+
+def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
+    """Shuffled ordinary batches of (image, label) for ``--csv-dataset-sample-type ordinal``, distributed-aware
+    (each process its own shard, reshuffled per epoch); sequential, unsharded validation."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+    from .loaders import DataInfo, RankDataInfo, SharedEpoch, check_model_trains_on
+    check_model_trains_on(args, 'ordinal')
+    num_ranks = _num_ranks(args)
+    train_transform, val_transform = preprocess_fns
+    if uses_shards(args):  # --dataset-type webdataset
+        from .ordinal_shards import get_ordinal_shard_data
+        return get_ordinal_shard_data(args, train_transform, val_transform, num_ranks, epoch)
+    data = {}
+    if args.train_data:
+        table = _ordinal_table(args, args.train_data, num_ranks)
+        global_batch = args.batch_size * args.world_size
+        if len(table) < global_batch:
+            raise RankDataError(f"{args.train_data} has {len(table)} images, fewer than one batch of {global_batch} "
+                                f"(--batch-size x processes); lower --batch-size or add data.")
+        dataset = OrdinalDataset(table, train_transform, train=True)
+        if args.distributed:
+            sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=args.workers, collate_fn=collate_ordinal_batch,
+                            pin_memory=torch.cuda.is_available())
+        loader.num_batches = len(loader)
+        loader.num_samples = len(loader) * global_batch
+        data['train'] = DataInfo(loader, sampler=sampler if args.distributed else None,
+                                 shared_epoch=SharedEpoch(epoch))
+        _logger.info(f"Ordinal training data: {len(table)} images, {num_ranks} ranks, {len(loader)} batches of "
+                     f"{args.batch_size} per process per epoch.")
+    if args.val_data:
+        table = _ordinal_table(args, args.val_data, num_ranks)
+        dataset = OrdinalDataset(table, val_transform, train=False)
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                            collate_fn=collate_ordinal_batch)
+        loader.num_batches = len(loader)
+        loader.num_samples = len(table)
+        data['val'] = RankDataInfo(loader, table=table, sample_type='ordinal')
+    return data
+
+
+# --- flags, make_shards and the rank CLI ---------------------------------------------------------------
+
+def check_ordinal_data_args(args):
+    if args.csv_dataset_sample_type == 'ordinal' and args.dataset_type not in ('csv', 'auto', 'webdataset'):
+        raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv or webdataset, "
+                         f"got {args.dataset_type}.")
+
+
+def add_ordinal_shard_args(parser):
+    parser.add_argument('--num-ranks', type=int, default=100, help='ordinal: labels must lie in [0, num-ranks)')
+
+
+def ordinal_shard_records(args):
+    """(image path, json) per image of ordinal data, read with training's checks (every label kept)."""
+    t = load_ordinal_table(args.csv, args.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
+                           sep=args.csv_separator, image_root=args.image_root)
+    for path, labels in zip(t.paths, t.labels):
+        meta = {'value': labels[len(labels) // 2]}
+        if len(labels) > 1:
+            meta['labels'] = labels
+        yield path, meta
+
+
+def read_ordinal_rows(args, model):
+    """The rank CLI's rows of an ordinal CSV / list file (``filepath[, value]`` or ``path label``); no prompts."""
+    table = load_ordinal_table(args.csv, model.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
+                               sep=args.csv_separator, image_root=args.image_root, check_files=False,
+                               require_labels=False)
+    targets = table.eval_labels() or [None] * len(table)
+    return [{'image': image, 'prompt': '', 'category': '', 'target': target}
+            for image, target in zip(table.paths, targets)]

@@ -31,7 +31,7 @@ class RankTable:
         return np.flatnonzero(self.category_ids == category_id)
 
 
-def _preview(items, limit=3):
+def preview(items, limit=3):
     items = [str(i) for i in items]
     return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
 
@@ -43,7 +43,7 @@ def _checked_values(df, path, value_key) -> np.ndarray:
     if len(bad):
         examples = [f"row {i + 2}: {df[value_key].iloc[i]!r}" for i in bad[:3]]
         raise RankDataError(f"{path} column '{value_key}' must be numeric and finite; {len(bad)} bad value(s): "
-                            f"{_preview(examples)}.")
+                            f"{preview(examples)}.")
     return values
 
 
@@ -83,7 +83,7 @@ def load_rank_table(path, img_key='filepath', caption_key='title', value_key='va
     if check_files:
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise RankDataError(f"{len(missing)} image file(s) listed in {path} do not exist: {_preview(missing)}.")
+            raise RankDataError(f"{len(missing)} image file(s) listed in {path} do not exist: {preview(missing)}.")
 
     captions = [str(c) for c in df[caption_key].tolist()]
     if category_key in df.columns:
@@ -100,7 +100,7 @@ def load_rank_table(path, img_key='filepath', caption_key='title', value_key='va
             examples = [f"row {i + 2}: {categories[i]!r} not in {captions[i]!r}" for i in absent[:3]]
             raise RankDataError(
                 f"negative samples replace the category word in the caption, but {len(absent)} caption(s) in {path} "
-                f"do not contain their '{category_key}': {_preview(examples)}; fix the captions or use --negative-ratio 0.")
+                f"do not contain their '{category_key}': {preview(examples)}; fix the captions or use --negative-ratio 0.")
 
     weights = None
     if weight_key and weight_key in df.columns:

@@ -54,3 +54,24 @@ class OrdinalLoss(nn.Module):
         if self.kl_weight:
             losses['ordinal_kl_loss'] = self.kl_weight * ordinal_kl_loss(logits, labels)
         return losses
+
+
+# --- --loss-opt ordinal: builder, flags and their checks (registered in builtin.py) ----------------------
+
+def build_ordinal_loss(args) -> OrdinalLoss:
+    return OrdinalLoss(ce_weight=args.ordinal_ce_weight, kl_weight=args.ordinal_kl_weight,
+                       micro_batch_size=args.batch_size)
+
+
+def add_ordinal_loss_args(parser):
+    group = parser.add_argument_group('open_clip_rank: OrdinalCLIP loss (ordinal)')
+    group.add_argument('--ordinal-ce-weight', type=float, default=1.0, help='Weight of the ordinal cross-entropy.')
+    group.add_argument('--ordinal-kl-weight', type=float, default=1.0,
+                       help='Weight of the ordinal batch KL term (0 switches it off).')
+
+
+def check_ordinal_loss_args(args):
+    if args.csv_dataset_sample_type != 'ordinal':
+        return
+    if args.ordinal_ce_weight < 0 or args.ordinal_kl_weight < 0 or args.ordinal_ce_weight + args.ordinal_kl_weight == 0:
+        raise ValueError("--ordinal-ce-weight and --ordinal-kl-weight must be >= 0, not both 0.")

@@ -178,3 +178,43 @@ def build_rankclip_loss(args) -> RankCLIPLoss:
         seed=args.seed,
         accum_freq=args.accum_freq,
     )
+
+
+# --- --loss-opt rankclip: flags and their checks (registered in builtin.py) ----------------------------
+
+def add_rankclip_args(parser):
+    """Flags of ``--loss-opt rankclip`` (RankCLIP pretraining of plain CLIP models)."""
+    group = parser.add_argument_group(
+        'open_clip_rank: RankCLIP', '--loss-opt rankclip: contrastive loss + w(epoch) * (cross-modal + in-modal '
+        'ListMLE ranking consistency), on any plain CLIP model and ordinary image-caption data.')
+    group.add_argument('--rankclip-crossmodal-weight', type=float, default=1.0,
+                       help='Weight of the cross-modal ListMLE term (the original lambda2); 0 leaves it out.')
+    group.add_argument('--rankclip-inmodal-weight', type=float, default=1.0,
+                       help='Weight of the in-modal ListMLE term (the original lambda1); 0 leaves it out.')
+    group.add_argument('--rankclip-ramp-peak', type=float, default=2.0,
+                       help='Largest rank-loss weight w (reached at the end of the ramp). Default 2, as the original.')
+    group.add_argument('--rankclip-ramp-epochs', type=float, default=None,
+                       help='Epochs over which w rises linearly from 0 (epoch 1) to the peak. Default: two thirds '
+                            'of (epochs - 1), the original clamp(3(e-1)/(E-1), 0, 2). 0: no ramp (the peak from '
+                            'the first epoch; also what a one-epoch run gets).')
+    return parser
+
+
+def check_rankclip_args(args):
+    if getattr(args, 'loss_opt', None) != 'rankclip':
+        return
+    for flag in ('rankclip_crossmodal_weight', 'rankclip_inmodal_weight', 'rankclip_ramp_peak'):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}.")
+    if args.rankclip_ramp_epochs is not None and args.rankclip_ramp_epochs < 0:
+        raise ValueError(f"--rankclip-ramp-epochs must be >= 0, got {args.rankclip_ramp_epochs}.")
+    from ..registry import family_for_model_name
+    family = family_for_model_name(getattr(args, 'model', None))
+    if family is not None or args.csv_dataset_sample_type != 'default':
+        raise ValueError(f"--loss-opt rankclip pretrains plain CLIP models on image-caption data; "
+                         f"not {args.model} / --csv-dataset-sample-type {args.csv_dataset_sample_type}.")
+    for flag, on in (('--siglip', getattr(args, 'siglip', False)), ('--distill-model', getattr(args, 'distill_model', None)),
+                     ('a CoCa model', 'coca' in str(getattr(args, 'model', '')).lower())):
+        if on:
+            raise ValueError(f"--loss-opt rankclip replaces CLIP's contrastive loss and cannot be combined "
+                             f"with {flag}.")

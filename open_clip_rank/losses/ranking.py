@@ -231,3 +231,66 @@ class RankingLoss(nn.Module):
         if 'bce' in self.components:
             losses['bce_loss'] = self.weights['bce'] * nonzero_bce_loss(scores, targets)
         return losses
+
+
+# --- --loss-opt dual-head | single-head: builders, flags and their checks (registered in builtin.py) ------------
+
+def _build(head: str, args) -> RankingLoss:
+    weights = {'rank': args.rank_loss_weight, 'regression': args.regression_loss_weight,
+               'bce': args.bce_loss_weight}
+    return RankingLoss(head=head, components=args.loss_components, weights=weights,
+                       ignore_ties=args.pair_loss_ignore_ties, micro_batch_size=args.batch_size,
+                       global_pairs=getattr(args, 'rank_global_pairs', False),
+                       gather_with_grad=getattr(args, 'gather_with_grad', False),
+                       rank=getattr(args, 'rank', 0), world_size=getattr(args, 'world_size', 1))
+
+
+def build_dual_head_loss(args) -> RankingLoss:
+    return _build('dual', args)
+
+
+def build_single_head_loss(args) -> RankingLoss:
+    return _build('single', args)
+
+
+def add_ranking_loss_args(parser):
+    group = parser.add_argument_group('open_clip_rank: pairwise ranking losses (dual-head, single-head)')
+    group.add_argument(
+        '--loss-components', nargs='+', choices=LOSS_COMPONENTS, default=list(DEFAULT_COMPONENTS),
+        help="Parts of the ranking loss: pairwise 'rank' BCE, 'regression' log(1 + smoothL1), 'bce' on target != 0.")
+    group.add_argument('--rank-loss-weight', type=float, default=1.0, help='Weight of the pairwise rank loss.')
+    group.add_argument('--regression-loss-weight', type=float, default=0.2, help='Weight of the regression loss.')
+    group.add_argument('--bce-loss-weight', type=float, default=1.0, help='Weight of the target != 0 BCE loss.')
+    group.add_argument(
+        '--pair-loss-ignore-ties', action='store_true', default=False,
+        help='Leave pairs with equal targets (and the diagonal) out of the pair loss. Default: as the original, '
+             'they count with label 0.')
+    group.add_argument(
+        '--rank-global-pairs', action='store_true', default=False,
+        help='Pair losses (dual-head, single-head) form pairs over the global batch of all processes: every '
+             'process gets the same category at each step (its --batch-size slice of one batch of batch-size x '
+             'world-size rows) and the pair summaries, scores and targets are gathered, so the pair loss sees '
+             'N = B x W images (gradients exact; --gather-with-grad gathers with gradient). Default: pairs '
+             'within each process\'s batch, as the original.')
+
+
+def check_ranking_loss_args(args):
+    """``--rank-global-pairs`` works with the pair losses on CSV rank data, one step per batch, torch.distributed."""
+    if not getattr(args, 'rank_global_pairs', False):
+        return
+    from ..data.shards import uses_shards
+    from ..registry import resolved_loss
+    loss = resolved_loss(args)
+    if loss is None or not loss.forms_pairs or args.csv_dataset_sample_type != loss.sample_type:
+        raise ValueError(f"--rank-global-pairs forms pairs of the dual-head / single-head loss over all processes: "
+                         f"it needs --csv-dataset-sample-type rank and one of those losses (got "
+                         f"--csv-dataset-sample-type {args.csv_dataset_sample_type}, loss "
+                         f"{loss.name if loss else None}).")
+    if getattr(args, 'accum_freq', 1) > 1:
+        raise ValueError("--rank-global-pairs does not support --accum-freq > 1 (pairs would have to span the "
+                         "accumulated micro-batches of every process); use --accum-freq 1.")
+    if getattr(args, 'horovod', False):
+        raise ValueError("--rank-global-pairs gathers with torch.distributed; it does not support --horovod.")
+    if uses_shards(args):
+        raise ValueError("--rank-global-pairs needs the same category on every process at each step, which streamed "
+                         "shards do not give; use --dataset-type csv rank data.")

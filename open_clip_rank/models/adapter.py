@@ -16,8 +16,8 @@ from open_clip.model import CLIP, CustomTextCLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower, text_global_pool
 
-from .. import compat
-from ..feature_cache import CachedImages, note_image_tower_locked, tower_features_from_batch
+from ..integration import compat
+from ..data.feature_cache import CachedImages, note_image_tower_locked, tower_features_from_batch
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
 from .towers import (FrozenTextMemo, emit_tokens, encode_distinct_texts, image_tokens, image_tower_features,

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, ResidualAttentionBlock
 
-from .. import compat
+from ..integration import compat
 
 compat.check_torch_private_names()  # PostFuseLayer overrides TransformerEncoderLayer._sa_block
 

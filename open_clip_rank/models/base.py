@@ -17,37 +17,19 @@ OpenCLIP's own forward contract holds too: ``model(image=x)`` or ``model(text=t)
 what a plain CLIP returns (pooled, normalised ``image_features`` / ``text_features``), so zero-shot
 evaluation works on a rank model's towers; ``model(image, text)`` returns the family's rank outputs.
 """
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .. import compat
+from ..data.batches import RankTexts  # noqa: F401  (the rank batch type, part of the protocol)
+from ..integration import compat
 from .towers import pooled_image_features
 
 
 def unwrap(model):
     """The model inside a DDP / DataParallel wrapper."""
     return getattr(model, 'module', model)
-
-
-class RankTexts(NamedTuple):
-    """The text side of a rank batch: token ids plus targets, moved together by ``.to()``.
-
-    OpenCLIP's training loop does ``texts.to(device)`` and ``model(images, texts)``; passing this
-    container as ``texts`` lets targets reach the model (and from its output dict, the loss) without
-    changing that loop.
-    """
-    tokens: torch.Tensor  # [N, context_length] token ids
-    targets: torch.Tensor  # [N] float ranking targets
-    category_ids: torch.Tensor  # [N] index into the dataset's category names
-    with_pairs: bool = True  # False when the loss needs no pair head (single-head): it is not run
-    # --rank-global-pairs: the model returns per-image pair summaries (and the pair head) instead of the
-    # local [N, N] pair logits, and the loss forms pairs over the batch gathered from all processes
-    global_pairs: bool = False
-
-    def to(self, *args, **kwargs):
-        return RankTexts(*(t.to(*args, **kwargs) if isinstance(t, torch.Tensor) else t for t in self))
 
 
 class RankOutput(dict):

@@ -18,6 +18,8 @@ from collections import namedtuple
 
 from torch import nn
 
+from ..data.table import preview
+
 _logger = logging.getLogger(__name__)
 
 LoadReport = namedtuple('LoadReport', ['missing_keys', 'unexpected_keys', 'fresh_keys', 'full_checkpoint'])
@@ -37,12 +39,6 @@ def checkpoint_source(path):
         yield
     finally:
         _source.reset(token)
-
-
-def _preview(keys, limit=3):
-    keys = list(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
 
 
 def _summarise_prefixes(keys, depth=2):
@@ -80,7 +76,7 @@ def _check_base_weights(tower_keys, state_dict, source):
     if len(loaded) < len(tower_keys) / 2:
         raise CheckpointMismatchError(
             f"{source} matches only {len(loaded)} of {len(tower_keys)} tower weights of this model "
-            f"(missing e.g. {_preview([k for k in tower_keys if k not in state_dict])}); "
+            f"(missing e.g. {preview([k for k in tower_keys if k not in state_dict])}); "
             f"it is not a checkpoint for this model's base architecture.")
 
 
@@ -132,7 +128,7 @@ def load_rank_state_dict(model, state_dict, strict: bool = True, assign: bool = 
     unexpected = [k for k in state_dict if k not in expected]
     if full:
         if strict and (missing or unexpected):
-            parts = [f"{what} keys: {_preview(keys)}" for what, keys in (('missing', missing), ('unexpected', unexpected))
+            parts = [f"{what} keys: {preview(keys)}" for what, keys in (('missing', missing), ('unexpected', unexpected))
                      if keys]
             raise _refit(source, '; '.join(parts))
         fresh, kept = [], []

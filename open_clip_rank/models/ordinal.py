@@ -8,7 +8,7 @@ it learning rate 0), its predicted rank is the expectation sum_r r softmax(logit
 After training the prototypes can be frozen (``freeze_prototypes``): then only the image tower runs.
 """
 import logging
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +16,12 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import lock_text_tower
 
+from ..data.ordinal import OrdinalTargets  # noqa: F401  (the batch type, re-exported for the family)
 from .base import RankModel, RankOutput
 from .ordinal_prompts import OrdinalCfg, RankPrompts
 from .towers import encode_text_embeddings, text_token_embedding
 
 _logger = logging.getLogger(__name__)
-
-
-class OrdinalTargets(NamedTuple):
-    """The ``texts`` of an ordinal training batch: integer rank labels, moved by OpenCLIP's ``.to()``."""
-    labels: torch.Tensor  # [N] long, in [0, num_ranks)
-
-    def to(self, *args, **kwargs):
-        return OrdinalTargets(self.labels.to(*args, **kwargs))
 
 
 class OrdinalOutput(RankOutput):

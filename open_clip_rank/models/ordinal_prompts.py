@@ -290,3 +290,8 @@ class RankPrompts(nn.Module):
             context = context.expand(R, -1, -1)
         bank = torch.cat([template, context, self.rank_token_embeds().to(template.dtype)], dim=1)
         return bank.gather(1, self.slot_index[..., None].expand(-1, -1, W))
+
+
+def num_ranks_of_config(ordinal_cfg: dict) -> int:
+    """The number of ranks an ``ordinal_cfg`` block predicts (the registry's ``RankFamily.num_ranks``)."""
+    return int((ordinal_cfg or {}).get('num_ranks', OrdinalCfg.num_ranks))

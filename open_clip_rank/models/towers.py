@@ -10,7 +10,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
-from .. import compat
+from ..integration import compat
 
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x  # [N, D, h, w] -> [N, h*w, D]

@@ -7,7 +7,7 @@ zero-shot classification of a model trained on the captions measures what contra
 The CSVs are OpenCLIP's own CSV format (tab separated, ``filepath`` and ``title`` columns), so
 ``python -m open_clip_train.main --dataset-type csv --train-data train.csv`` reads them unchanged.
 
-``python -m open_clip_rank.synthetic_captions OUT_DIR`` writes the default dataset.
+``python -m open_clip_rank.synthetic.captions OUT_DIR`` writes the default dataset.
 """
 import csv
 import os
@@ -18,8 +18,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import ImageDraw
 
-from .checkpoint_files import atomic_write
-from .synthetic import SHAPES, draw_shape, noisy_background
+from ..files.atomic import atomic_write
+from .counting import SHAPES, draw_shape, noisy_background
 
 COLORS = {'red': (205, 35, 35), 'green': (35, 150, 45), 'blue': (40, 65, 215), 'yellow': (225, 195, 25)}
 CAPTION_TEMPLATES = ('a {color} {shape}.', 'a photo of a {color} {shape}.', 'a drawing of a {color} {shape}',
@@ -102,6 +102,6 @@ def zero_shot_accuracy(model, preprocess, tokenizer, val_csv: str,
 
 if __name__ == '__main__':
     if len(sys.argv) != 2:
-        raise SystemExit('usage: python -m open_clip_rank.synthetic_captions OUT_DIR')
+        raise SystemExit('usage: python -m open_clip_rank.synthetic.captions OUT_DIR')
     info = make_caption_dataset(sys.argv[1])
     print(f"wrote {info['train']} and {info['val']} ({len(info['classes'])} classes)")

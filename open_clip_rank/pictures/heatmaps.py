@@ -1,14 +1,14 @@
-"""Pictures of an ordinal model: the prototype similarity matrix and predicted-vs-true ranks.
+"""Heat-map pictures (e.g. prototype similarities, predicted-vs-true ranks) and the confusion heat map.
 
 Drawn with Pillow (already a dependency) so no plotting library is needed: a heat map with labelled
 axes, tick labels and a colour bar, written atomically (temporary file, then rename).
 """
-import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..files.atomic import atomic_path
 
 MARGIN_LEFT, MARGIN_TOP, MARGIN_RIGHT, MARGIN_BOTTOM = 70, 40, 90, 60
 SIDE = 480  # heat-map side in pixels
@@ -33,17 +33,8 @@ def _ticks(n: int, count: int = 6):
 
 
 def _save_atomically(image: Image.Image, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.png.tmp')
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def heatmap_png(matrix, path, title: str, x_label: str, y_label: str, value_label: str):
@@ -77,14 +68,6 @@ def heatmap_png(matrix, path, title: str, x_label: str, y_label: str, value_labe
     draw.text((bar_x + BAR_WIDTH + 4, MARGIN_TOP + SIDE - 8), f'{lo:.3g}', fill='black', font=font)
     draw.text((bar_x - 10, MARGIN_TOP + SIDE + 28), value_label, fill='black', font=font)
     _save_atomically(canvas, path)
-
-
-def prototype_similarity_png(prototypes, path, ordinality: float = None):
-    """Cosine similarity between every pair of rank prototypes (an ordinal model shows a band)."""
-    p = np.asarray(prototypes, dtype=np.float64)
-    p = p / np.linalg.norm(p, axis=1, keepdims=True)
-    title = 'Rank prototype similarity' + (f' (ordinality {ordinality:.3f})' if ordinality is not None else '')
-    heatmap_png(p @ p.T, path, title, 'rank', 'rank', 'cosine')
 
 
 def confusion_png(labels: Sequence[int], predictions: Sequence[int], num_ranks: int, path, title='Predicted vs true'):

@@ -5,7 +5,7 @@ distractor shapes of another kind, so the instruction "Rank the numbers of circl
 the model reads which kind to count.  The CSVs use the official training format of the ranking-aware
 adapter: tab separated, columns ``filepath title cname value sample_weights_by_class``.
 
-Run ``python -m open_clip_rank.synthetic OUT_DIR`` to write the default dataset.
+Run ``python -m open_clip_rank.synthetic.counting OUT_DIR`` to write the default dataset.
 """
 import colorsys
 import csv
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .checkpoint_files import atomic_write
+from ..files.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def write_rank_csv(path: str, rows: Sequence[Dict]) -> None:
             writer.writerow([row['filepath'], row['title'], row['cname'], row['value'], repr(weight)])
 
 
-def _check_args(kinds, max_count, train_per_count, val_per_count):
+def check_args(kinds, max_count, train_per_count, val_per_count):
     unknown = [k for k in kinds if k not in SHAPES]
     if not kinds or unknown:
         raise ValueError(f"kinds must be a non-empty subset of {SHAPES}, got {tuple(kinds)}")
@@ -235,7 +235,7 @@ def make_counting_dataset(root, kinds=SHAPES, max_count=9, train_per_count=24, v
     ``return_metadata``, 'metadata': one dict per image (filepath, split, colours, boxes, distractors).
     """
     kinds = tuple(kinds)
-    _check_args(kinds, max_count, train_per_count, val_per_count)
+    check_args(kinds, max_count, train_per_count, val_per_count)
     shape_size_range(image_size, max_count + MAX_DISTRACTORS)  # fail early with a clear message
     root = os.path.abspath(os.fspath(root))
     image_dir = os.path.join(root, 'images')
@@ -249,35 +249,6 @@ def make_counting_dataset(root, kinds=SHAPES, max_count=9, train_per_count=24, v
     if return_metadata:
         result['metadata'] = metadata
     logger.info("wrote counting dataset to %s: %d train and %d val images", root, num_train, num_val)
-    return result
-
-
-def make_ordinal_dataset(root, num_ranks=6, train_per_rank=40, val_per_rank=12, image_size=32, seed=0,
-                         kind='circle') -> Dict:
-    """An ordinal-regression dataset: label r = an image with r shapes of ``kind`` (no distractors).
-
-    Writes ``root/images/*.png`` and each split twice, as a CSV (``filepath<TAB>value``, absolute paths)
-    and as an official OrdinalCLIP list file (``relative/path label`` per line, relative to ``root``).
-    """
-    _check_args((kind,), num_ranks - 1, train_per_rank, val_per_rank)
-    root = os.path.abspath(os.fspath(root))
-    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
-    result = {'root': root, 'num_ranks': num_ranks}
-    for split, per_rank in (('train', train_per_rank), ('val', val_per_rank)):
-        rows = []
-        for label in range(num_ranks):
-            for index in range(per_rank):
-                rng = image_rng(seed, kind, split, label, index)
-                image, _ = draw_counting_image(rng, kind, label, image_size, max_shapes=num_ranks - 1)
-                relative = os.path.join('images', f'{split}_{label:02d}_{index:03d}.png')
-                image.save(os.path.join(root, relative), compress_level=1)
-                rows.append((relative, label))
-        with atomic_write(os.path.join(root, f'{split}.csv'), 'w') as f:
-            f.write('filepath\tvalue\n' + ''.join(f'{os.path.join(root, p)}\t{v}\n' for p, v in rows))
-        with atomic_write(os.path.join(root, f'{split}.txt'), 'w') as f:
-            f.write(''.join(f'{p} {v}\n' for p, v in rows))
-        result.update({f'{split}_csv': os.path.join(root, f'{split}.csv'),
-                       f'{split}_list': os.path.join(root, f'{split}.txt'), f'num_{split}': len(rows)})
     return result
 
 

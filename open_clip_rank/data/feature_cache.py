@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files.atomic import atomic_write
+
 _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -92,15 +94,6 @@ class CachedImages:
 
 
 # --- storage -------------------------------------------------------------------------------------------
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def _remove(path: str) -> None:
     try:
@@ -162,7 +155,8 @@ class FeatureCache:
             with open(path, 'wb') as f:  # sparse, zero-filled: every entry incomplete (state 0)
                 f.truncate(size)
         header = dict(expected, generation=uuid.uuid4().hex)
-        _atomic_write_text(header_path, json.dumps(header, sort_keys=True))
+        with atomic_write(header_path) as f:
+            f.write(json.dumps(header, sort_keys=True))
         return cls(header_path, header, writable=True)
 
     @staticmethod
@@ -383,7 +377,7 @@ def data_key(table) -> dict:
 def build_cache(args, model, table, transform) -> FeatureCache:
     """The training process's cache for ``table`` under ``transform`` (the deterministic, no-flip transform)."""
     from PIL import Image
-    from .compat import read_model_config
+    from ..integration.compat import read_model_config
     check_cacheable(model)
     probe = transform(Image.new('RGB', (64, 64)))
     param = next(model.visual.parameters())

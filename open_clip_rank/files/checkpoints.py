@@ -5,9 +5,7 @@
   loading the tensors;
 * ``reading_checkpoint(path)``: turns torch's raw ``PytorchStreamReader`` / EOF errors into one
   ``UnreadableCheckpointError`` line naming the file and the fix;
-* ``atomic_write`` / ``atomic_torch_save``: a temporary file in the same folder, then ``os.replace``, so
-  a file under its final name is always complete (temporary names never end in ``.pt``, so OpenCLIP's
-  ``--resume latest`` never picks one);
+* checkpoints of a training run are written with ``atomic.atomic_torch_save`` (``integration/hook.py``);
 * ``load_resume_checkpoint``: OpenCLIP's resume load, skipping unreadable checkpoints under
   ``--resume latest`` with a warning.
 
@@ -24,10 +22,11 @@ import json
 import zipfile
 from typing import Optional
 
+from .atomic import temporary_name
+
 _logger = logging.getLogger(__name__)
 
 ZIP_MAGIC = b'PK\x03\x04'
-_TMP_MARK = '.tmp-'
 
 
 class UnreadableCheckpointError(ValueError):
@@ -150,51 +149,6 @@ def base_weights_from(model) -> Optional[str]:
     """The file that gave ``model`` its towers only (the family's own parameters random), or None."""
     return None if loaded_from(model) is not None else getattr(model, _BASE_ONLY_ATTR, None)
 
-
-# --- atomic writes -----------------------------------------------------------------------------------
-
-def temporary_name(path) -> str:
-    """A hidden sibling of ``path`` that no checkpoint glob (``*.pt``) matches."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f'.{name}{_TMP_MARK}{os.getpid()}')
-
-
-def _fsync(path):
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode='w', **open_kwargs):
-    """``open(path, mode)`` that leaves either the complete new file or the previous one, never a partial one."""
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(save, obj, path, *args, **kwargs):
-    """``save(obj, path, ...)`` (torch.save's signature) through a temporary file and ``os.replace``."""
-    tmp = temporary_name(path)
-    try:
-        save(obj, tmp, *args, **kwargs)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def is_path(f) -> bool:

@@ -27,7 +27,8 @@ import logging
 import sys
 import threading
 
-from . import _bootstrap, compat, registry
+from .. import registry
+from . import _bootstrap, compat
 
 _logger = logging.getLogger(__name__)
 
@@ -86,12 +87,12 @@ def _patch_factory(open_clip):
 
     @compat.wraps_once(original_load)
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
-        from .checkpoint_files import note_loaded, reading_checkpoint
+        from ..files.checkpoints import note_loaded, reading_checkpoint
         with reading_checkpoint(checkpoint_path):  # a damaged file: one line naming it and the fix
             if registry.family_for_model(model) is None:
                 return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only,
                                      device=device)
-            from .models.checkpoint import load_rank_checkpoint
+            from ..models.checkpoint import load_rank_checkpoint
             result = load_rank_checkpoint(original_load, model, checkpoint_path, strict=strict,
                                           weights_only=weights_only, device=device)
             # load_rank_model refuses rank models whose own parameters hold no trained weights
@@ -102,7 +103,7 @@ def _patch_factory(open_clip):
 
     @compat.wraps_once(original_create_loss)
     def create_loss(args):
-        from .losses import create_loss as create_plugin_loss
+        from ..losses import create_loss as create_plugin_loss
         loss = create_plugin_loss(args)
         return loss if loss is not None else original_create_loss(args)
 
@@ -167,7 +168,7 @@ def _train_one_epoch(original):
         result = original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                           tb_writer=tb_writer)
         if getattr(args, 'rank_feature_cache', None):
-            from .feature_cache import log_epoch_usage
+            from ..data.feature_cache import log_epoch_usage
             log_epoch_usage(epoch)
         return result
 
@@ -181,11 +182,11 @@ def _fix_zero_shot(module):
 
 
 def _parse_args(original):
-    from .params import wrap_parse_args
+    from .flags import wrap_parse_args
     parse_plugin_args = wrap_parse_args(original)
 
     def parse_args(args):
-        from .preflight import start_training_run
+        from .start_checks import start_training_run
         parsed = start_training_run(parse_plugin_args(args))  # refusals exit 2, before logs/<name> exists
         compat.patch_torch_save(_save_run_checkpoint)
         return parsed
@@ -195,10 +196,12 @@ def _parse_args(original):
 
 def _save_run_checkpoint(original_save, obj, f, *args, **kwargs):
     """torch.save: atomic for files in the current training run's checkpoint folder, unchanged otherwise."""
-    from . import checkpoint_files, preflight
-    folder = getattr(preflight.current_run, 'checkpoint_path', None)
-    if checkpoint_files.inside(folder, f):
-        return checkpoint_files.atomic_torch_save(original_save, obj, f, *args, **kwargs)
+    from ..files.atomic import atomic_torch_save
+    from ..files.checkpoints import inside
+    from . import start_checks
+    folder = getattr(start_checks.current_run, 'checkpoint_path', None)
+    if inside(folder, f):
+        return atomic_torch_save(original_save, obj, f, *args, **kwargs)
     return original_save(obj, f, *args, **kwargs)
 
 
@@ -213,8 +216,8 @@ def _setup_logging(original):
 
 def _pt_load(original):
     def pt_load(file_path, map_location=None):
-        from .checkpoint_files import load_resume_checkpoint
-        from .preflight import current_run
+        from ..files.checkpoints import load_resume_checkpoint
+        from .start_checks import current_run
         return load_resume_checkpoint(original, file_path, map_location=map_location, run_args=current_run)
 
     return pt_load
@@ -225,8 +228,8 @@ def _get_data(original):
         sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
         if sample_type == 'default':
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-        from .data import RankDataError
-        from .registry import SAMPLE_TYPES
+        from ..data import RankDataError
+        from ..registry import SAMPLE_TYPES
         try:
             data = SAMPLE_TYPES[sample_type].get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         except RankDataError as err:  # one clear line, before any training starts
@@ -243,10 +246,10 @@ def _get_data(original):
 
 def _evaluate(original):
     def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
-        from .data.loaders import RankDataInfo
+        from ..data.loaders import RankDataInfo
         if not isinstance(data.get('val'), RankDataInfo):
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
-        from .evaluate import evaluate_ranking
+        from ..evaluation.validation import evaluate_ranking
         others = {k: v for k, v in data.items() if k not in ('train', 'val')}  # zero-shot: OpenCLIP evaluates it,
         quiet = copy.copy(args)  # the plugin reports it with the ranking metrics (one results.jsonl record)
         quiet.save_logs = quiet.wandb = False

@@ -18,7 +18,7 @@ METRIC_NAMES = ('srcc', 'krcc', 'plcc', 'mae', 'pair_acc', 'pair_acc_official')
 _NAN = float('nan')
 
 
-def _as_array(x):
+def as_array(x):
     """1-D float64 array from a list, numpy array or torch tensor (any device, any dtype)."""
     if hasattr(x, 'detach'):  # torch tensor, without importing torch
         x = x.detach().cpu()
@@ -28,7 +28,7 @@ def _as_array(x):
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-def _check_lengths(**named):
+def check_lengths(**named):
     """Raise a ValueError naming every length when they differ (a silent broadcast would be wrong)."""
     lengths = {name: len(value) for name, value in named.items()}
     if len(set(lengths.values())) > 1:
@@ -37,8 +37,8 @@ def _check_lengths(**named):
 
 
 def _pair(pred, target):
-    pred, target = _as_array(pred), _as_array(target)
-    _check_lengths(pred=pred, target=target)
+    pred, target = as_array(pred), as_array(target)
+    check_lengths(pred=pred, target=target)
     return pred, target
 
 
@@ -208,7 +208,7 @@ def official_pairwise_accuracy(pred, target, block: int = 2048) -> float:
 
 def round_predictions(pred) -> np.ndarray:
     """Nearest integer (half to even), for comparing scores with ordinal targets such as 0..9."""
-    return np.rint(_as_array(pred))
+    return np.rint(as_array(pred))
 
 
 def _all_metrics(x, y):
@@ -255,7 +255,7 @@ def ranking_metrics(preds, targets, categories=None) -> dict:
     x, y = _pair(preds, targets)
     names = _category_names(categories, len(x))
     if categories is not None:
-        _check_lengths(preds=x, targets=y, categories=names)
+        check_lengths(preds=x, targets=y, categories=names)
     unique, inverse = np.unique(names, return_inverse=True)
     inverse = inverse.reshape(-1)
     per_category = {}
@@ -294,34 +294,3 @@ def format_metrics_table(metrics: dict, metric_names=METRIC_NAMES) -> str:
             cells.append(f'  {"-":>{width}}' if value is None else f'  {float(value):>{width}.3f}')
         lines.append(name.ljust(name_width) + ''.join(cells))
     return '\n'.join(lines)
-
-
-# --- ordinal regression (OrdinalCLIP) ----------------------------------------------------------------
-
-def ordinal_metrics(expected, argmax, labels) -> dict:
-    """MAE and accuracy of the predicted rank by expectation (rounded for accuracy) and by argmax, as the
-    official runner's ``mae_{exp,max}`` / ``acc_{exp,max}``."""
-    expected, argmax, labels = (_as_array(v) for v in (expected, argmax, labels))
-    _check_lengths(expected=expected, argmax=argmax, labels=labels)
-    if len(labels) == 0:
-        return {}
-    return {
-        'mae_exp': float(np.mean(np.abs(expected - labels))),
-        'acc_exp': float(np.mean(np.round(expected) == labels)),
-        'mae_max': float(np.mean(np.abs(argmax - labels))),
-        'acc_max': float(np.mean(argmax == labels)),
-    }
-
-
-def prototype_ordinality(prototypes) -> float:
-    """Share of ordered neighbours among the prototypes' similarities, as the official ``vis_ordinality``
-    (full span): over rows i and columns j >= i (j < R-1), how often sim(i, j) > sim(i, j+1), i.e. a
-    prototype is more similar to nearer ranks. 1.0: perfectly ordinal; ~0.5: no order."""
-    p = np.asarray(prototypes, dtype=np.float64)
-    p = p / np.linalg.norm(p, axis=1, keepdims=True)
-    sim = p @ p.T
-    if len(sim) < 2:
-        return float('nan')
-    closer = sim[:-1, :-1] > sim[:-1, 1:]  # entry (i, j): sim(i, j) > sim(i, j + 1)
-    upper = np.triu(np.ones_like(closer, dtype=bool))
-    return float(closer[upper].mean())

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional
 
+from .. import registry
 from . import compat
 
 # The args of the training run in this process (set by the parse_args wrapper), read by the
@@ -76,8 +77,7 @@ def _check_pretrained(args):
         return
     schema, identifier = compat.split_model_name(args.model)
     if schema is not None:
-        from .registry import family_for_model_name
-        if family_for_model_name(args.model) is not None:  # OpenCLIP only warns and trains from random weights
+        if registry.family_for_model_name(args.model) is not None:  # OpenCLIP only warns and trains from random weights
             raise StartRefused(
                 f"--pretrained {pretrained} would be ignored: OpenCLIP loads {schema}: models only from their own "
                 f"source. Put the weights in the {schema} source (e.g. open_clip_model.safetensors beside "
@@ -85,7 +85,7 @@ def _check_pretrained(args):
                 f"--model NAME) and pass --pretrained {pretrained}.")
         return
     if os.path.isfile(pretrained):
-        from .checkpoint_files import check_readable
+        from ..files.checkpoints import check_readable
         check_readable(pretrained, fix='Pass a complete checkpoint with --pretrained.')
         return
     import open_clip
@@ -103,7 +103,7 @@ def _check_resume(args):
         return
     if not os.path.isfile(resume):
         raise StartRefused(f"--resume {resume} does not exist; give a checkpoint file or --resume latest.")
-    from .checkpoint_files import check_readable
+    from ..files.checkpoints import check_readable
     check_readable(resume, fix='Resume from an earlier checkpoint of the run (--resume PATH or --resume latest).')
 
 
@@ -118,29 +118,21 @@ def _check_new_experiment(args):
                            f"another --name, delete that folder, or continue it with --resume latest.")
 
 
-def _check_rank_data(args):
+def _check_data(args):
     """The data checks of the sample type's ``get_data`` (``registry.SampleType.check_data``), run before OpenCLIP
     creates the experiment folder (those that need the world size, e.g. "fewer rows than one batch", stay in
     ``get_data``)."""
     sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
-    if sample_type == 'default':
-        return
-    from .registry import SAMPLE_TYPES
-    SAMPLE_TYPES[sample_type].check_data(args)
+    if sample_type != 'default':
+        registry.SAMPLE_TYPES[sample_type].check_data(args)
 
 
-def _check_pair_head(args):
-    """The pair losses need a pair head; the per-image pooler ablations ('softmax', 'sigmoid') have none."""
-    if getattr(args, 'loss_opt', None) != 'dual-head' and not getattr(args, 'rank_global_pairs', False):
-        return
-    from .compat import read_model_config
-    from .models.adapter_layers import PER_IMAGE_POOLERS
-    pooler = ((read_model_config(args.model) or {}).get('adapter_cfg') or {}).get('adapter_attention_pooler')
-    if pooler in PER_IMAGE_POOLERS:
-        flag = '--loss-opt dual-head' if args.loss_opt == 'dual-head' else '--rank-global-pairs'
-        raise StartRefused(f"{flag} needs the pair head, and model {args.model} (adapter_attention_pooler="
-                           f"{pooler!r}) has none (the original gives it one feature per image, not pairs): train "
-                           f"it with --loss-opt single-head.")
+def _check_family_start(args):
+    """The model family's own refusals of this config (e.g. a loss its model cannot train with)."""
+    config = compat.read_model_config(args.model) or {}
+    family = registry.family_for_config(config)
+    if family is not None and family.start_check:
+        registry.import_function(family.start_check)(args, config)
 
 
 def check_training_start(args):
@@ -151,8 +143,8 @@ def check_training_start(args):
     _check_pretrained(args)
     _check_resume(args)
     _check_new_experiment(args)
-    _check_rank_data(args)
-    _check_pair_head(args)
+    _check_data(args)
+    _check_family_start(args)
 
 
 def start_training_run(args):

@@ -4,7 +4,7 @@ from typing import Dict, List
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint_files import atomic_write
+from ..files.atomic import atomic_write
 
 THUMB = 96
 PAD = 6

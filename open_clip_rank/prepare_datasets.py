@@ -1,6 +1,6 @@
 """Turn a downloaded copy of one of the paper's datasets into rank CSVs (train / val / test).
 
-``python -m open_clip_rank.datasets NAME --root DIR [--split-json FILE] --out DIR`` with NAME one of
+``python -m open_clip_rank.prepare_datasets NAME --root DIR [--split-json FILE] --out DIR`` with NAME one of
 ``koniq``, ``ava``, ``adience``, ``hci``, ``count``. The CSVs are the training format (tab separated,
 ``filepath title cname value sample_weights_by_class``, absolute image paths) that ``load_rank_table``
 and ``python -m open_clip_train.main --csv-dataset-sample-type rank`` read.
@@ -25,15 +25,16 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .files.atomic import atomic_write
+from .files.images import IMAGE_SUFFIXES
+
 COLUMNS = ('filepath', 'title', 'cname', 'value', 'sample_weights_by_class')
 SPLIT_NAMES = ('train', 'val', 'test')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp', '.gif', '.webp')
 
 # Adience's eight age groups, in order; the value is the group's index (0..7).
 ADIENCE_GROUPS = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
@@ -423,20 +424,12 @@ def _format_value(v) -> str:
 
 
 def write_csv_atomic(path: Path, items: Sequence[Item]) -> None:
-    """Tab-separated training format; written to a temporary file in the same folder, then renamed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
-    try:
-        with os.fdopen(fd, 'w', newline='') as f:
-            writer = csv.writer(f, delimiter='\t', lineterminator='\n')
-            writer.writerow(COLUMNS)
-            for it, w in zip(items, class_weights(items)):
-                writer.writerow([it.path, it.title, it.cname, _format_value(it.value), repr(w)])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Tab-separated training format, written atomically (``files/atomic.py``)."""
+    with atomic_write(path, 'w', newline='') as f:
+        writer = csv.writer(f, delimiter='\t', lineterminator='\n')
+        writer.writerow(COLUMNS)
+        for it, w in zip(items, class_weights(items)):
+            writer.writerow([it.path, it.title, it.cname, _format_value(it.value), repr(w)])
 
 
 def check_images(items: Sequence[Item], label_file: str, skip_missing: bool, progress: bool):
@@ -546,7 +539,7 @@ def format_summary(summary: Dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     epilog = '\n'.join(f"  {s.name:<8} {s.title}: {s.layout}" for s in DATASETS.values())
-    p = argparse.ArgumentParser(prog='python -m open_clip_rank.datasets', description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(prog='python -m open_clip_rank.prepare_datasets', description=__doc__.split('\n\n')[0],
                                 epilog='layouts (under --root):\n' + epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('name', choices=list(DATASETS), help='which dataset')
@@ -582,7 +575,7 @@ def main(argv=None) -> int:
                           max_count=args.max_count, adience_images=args.adience_images,
                           progress=not args.no_progress)
     except (ValueError, OSError) as err:
-        print(f"open_clip_rank.datasets: error: {err}", file=sys.stderr)
+        print(f"open_clip_rank.prepare_datasets: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0

@@ -1,0 +1,1 @@
+"""Files: atomic writes (``atomic``), checkpoint damage and resume (``checkpoints``), image files (``images``)."""

@@ -1,0 +1,1 @@
+"""Pictures: contact sheets of ranked images and heat maps (Pillow only)."""
