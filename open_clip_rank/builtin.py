@@ -1,92 +1,94 @@
-"""The built-in method families, losses and sample types: the one place that registers them.
+"""The built-in method families, losses and sample types: the one place that declares them (``registry.py``
+registers them, in this order: sample types, losses, families).
 
-Each entry names the modules that hold what it adds (``registry.py`` says what each hook is for); nothing
-here is imported until it is used. A third-party family registers the same way from its own package
-(entry point group ``open_clip_rank.plugins``).
+Each entry names the modules that hold what it adds (``specs.py`` says what each hook is for); nothing here is
+imported until it is used. A third-party family declares the same entries in its own package and registers them
+from an entry point of the ``open_clip_rank.plugins`` group.
 """
-from .registry import RankFamily, RankLoss, SampleType, register_family, register_loss, register_sample_type
+from .specs import RankFamily, RankLoss, SampleType
 
 # --- sample types ------------------------------------------------------------------------------------
 
-register_sample_type(SampleType(
-    name='rank',  # batches of one category (instruction) each, with targets and re-worded negatives
-    data_builder='open_clip_rank.data.rank:get_rank_data',
-    data_check='open_clip_rank.data.rank:check_rank_data',
-    validation='open_clip_rank.evaluation.rank:ranking_validation',
-    add_args='open_clip_rank.data.rank:add_rank_data_args',
-    check_args='open_clip_rank.data.rank:check_rank_data_args',
-    configure='open_clip_rank.data.rank:configure_rank_run',
-    shard_fields=('value', 'category', 'caption'),
-    val_shard_fields=('value', 'caption'),
-    add_shard_args='open_clip_rank.data.rank:add_rank_shard_args',
-    shard_records='open_clip_rank.data.rank:rank_shard_records',
-    read_rows='open_clip_rank.data.rank:read_rank_rows',
-    report='open_clip_rank.evaluation.rank:rank_report',
-))
-
-register_sample_type(SampleType(
-    name='ordinal',  # shuffled batches of (image, integer rank label)
-    data_builder='open_clip_rank.data.ordinal:get_ordinal_data',
-    data_check='open_clip_rank.data.ordinal:check_ordinal_data',
-    validation='open_clip_rank.evaluation.ordinal:ordinal_validation',
-    check_args='open_clip_rank.data.ordinal:check_ordinal_data_args',
-    shard_fields=('value',),
-    val_shard_fields=('value',),
-    add_shard_args='open_clip_rank.data.ordinal:add_ordinal_shard_args',
-    shard_records='open_clip_rank.data.ordinal:ordinal_shard_records',
-    add_cli_args='open_clip_rank.evaluation.ordinal:add_ordinal_cli_args',
-    read_rows='open_clip_rank.data.ordinal:read_ordinal_rows',
-    report='open_clip_rank.evaluation.ordinal:ordinal_report',
-))
+SAMPLE_TYPES = (
+    SampleType(
+        name='rank',  # batches of one category (instruction) each, with targets and re-worded negatives
+        data_builder='open_clip_rank.data.rank:get_rank_data',
+        data_check='open_clip_rank.data.rank:check_rank_data',
+        validation='open_clip_rank.evaluation.rank:ranking_validation',
+        add_args='open_clip_rank.data.rank:add_rank_data_args',
+        check_args='open_clip_rank.data.rank:check_rank_data_args',
+        configure='open_clip_rank.data.rank:configure_rank_run',
+        shard_fields=('value', 'category', 'caption'),
+        val_shard_fields=('value', 'caption'),
+        add_shard_args='open_clip_rank.data.rank:add_rank_shard_args',
+        shard_records='open_clip_rank.data.rank:rank_shard_records',
+        read_rows='open_clip_rank.data.rank:read_rank_rows',
+        report='open_clip_rank.evaluation.rank:rank_report',
+    ),
+    SampleType(
+        name='ordinal',  # shuffled batches of (image, integer rank label)
+        data_builder='open_clip_rank.data.ordinal:get_ordinal_data',
+        data_check='open_clip_rank.data.ordinal:check_ordinal_data',
+        validation='open_clip_rank.evaluation.ordinal:ordinal_validation',
+        check_args='open_clip_rank.data.ordinal:check_ordinal_data_args',
+        shard_fields=('value',),
+        val_shard_fields=('value',),
+        add_shard_args='open_clip_rank.data.ordinal:add_ordinal_shard_args',
+        shard_records='open_clip_rank.data.ordinal:ordinal_shard_records',
+        add_cli_args='open_clip_rank.evaluation.ordinal:add_ordinal_cli_args',
+        read_rows='open_clip_rank.data.ordinal:read_ordinal_rows',
+        report='open_clip_rank.evaluation.ordinal:ordinal_report',
+    ),
+)
 
 # --- losses --------------------------------------------------------------------------------------------
 
-register_loss(RankLoss(
-    name='dual-head',  # pairs ordered by the adapter's pair head
-    builder='open_clip_rank.losses.ranking:build_dual_head_loss', sample_type='rank',
-    forms_pairs=True, needs_pair_head=True,
-    add_args='open_clip_rank.losses.ranking:add_ranking_loss_args',
-    check_args='open_clip_rank.losses.ranking:check_ranking_loss_args',
-))
-
-register_loss(RankLoss(
-    name='single-head',  # pairs ordered by score differences
-    builder='open_clip_rank.losses.ranking:build_single_head_loss', sample_type='rank', forms_pairs=True,
-    add_args='open_clip_rank.losses.ranking:add_ranking_loss_args',
-    check_args='open_clip_rank.losses.ranking:check_ranking_loss_args',
-))
-
-register_loss(RankLoss(
-    name='ordinal',  # OrdinalCLIP: CE + batch KL over rank logits
-    builder='open_clip_rank.losses.ordinal:build_ordinal_loss', sample_type='ordinal',
-    add_args='open_clip_rank.losses.ordinal:add_ordinal_loss_args',
-    check_args='open_clip_rank.losses.ordinal:check_ordinal_loss_args',
-))
-
-register_loss(RankLoss(
-    name='rankclip',  # RankCLIP pretraining of plain CLIP models on image-caption data
-    builder='open_clip_rank.losses.rankclip:build_rankclip_loss',
-    add_args='open_clip_rank.losses.rankclip:add_rankclip_args',
-    check_args='open_clip_rank.losses.rankclip:check_rankclip_args',
-))
+LOSSES = (
+    RankLoss(
+        name='dual-head',  # pairs ordered by the adapter's pair head
+        builder='open_clip_rank.losses.ranking:build_dual_head_loss', sample_type='rank',
+        forms_pairs=True, needs_pair_head=True,
+        add_args='open_clip_rank.losses.ranking:add_ranking_loss_args',
+        check_args='open_clip_rank.losses.ranking:check_ranking_loss_args',
+    ),
+    RankLoss(
+        name='single-head',  # pairs ordered by score differences
+        builder='open_clip_rank.losses.ranking:build_single_head_loss', sample_type='rank', forms_pairs=True,
+        add_args='open_clip_rank.losses.ranking:add_ranking_loss_args',
+        check_args='open_clip_rank.losses.ranking:check_ranking_loss_args',
+    ),
+    RankLoss(
+        name='ordinal',  # OrdinalCLIP: CE + batch KL over rank logits
+        builder='open_clip_rank.losses.ordinal:build_ordinal_loss', sample_type='ordinal',
+        add_args='open_clip_rank.losses.ordinal:add_ordinal_loss_args',
+        check_args='open_clip_rank.losses.ordinal:check_ordinal_loss_args',
+    ),
+    RankLoss(
+        name='rankclip',  # RankCLIP pretraining of plain CLIP models on image-caption data
+        builder='open_clip_rank.losses.rankclip:build_rankclip_loss',
+        add_args='open_clip_rank.losses.rankclip:add_rankclip_args',
+        check_args='open_clip_rank.losses.rankclip:check_rankclip_args',
+    ),
+)
 
 # --- families ------------------------------------------------------------------------------------------
 
-register_family(RankFamily(
-    name='adapter', config_key='adapter_cfg', suffix='-adapter', model_module='open_clip_rank.models.adapter',
-    clip_class='RankAdapterCLIP', custom_text_class='RankAdapterCustomTextCLIP',
-    default_loss='single-head',  # as the original training code
-    sample_types=('rank',),
-    add_args='open_clip_rank.models.adapter_options:add_adapter_args',
-    check_args='open_clip_rank.models.adapter_options:check_adapter_args',
-    configure='open_clip_rank.models.adapter_options:configure_adapter_run',
-    start_check='open_clip_rank.models.adapter_options:check_adapter_start',
-))
-
-register_family(RankFamily(
-    name='ordinal', config_key='ordinal_cfg', suffix='-ordinal', model_module='open_clip_rank.models.ordinal',
-    clip_class='OrdinalCLIP', custom_text_class='OrdinalCustomTextCLIP',
-    default_loss='ordinal',  # CE + KL, as the official runner
-    sample_types=('ordinal',), square_resize=False,
-    num_ranks='open_clip_rank.models.ordinal_prompts:num_ranks_of_config',
-))
+FAMILIES = (
+    RankFamily(
+        name='adapter', config_key='adapter_cfg', suffix='-adapter', model_module='open_clip_rank.models.adapter',
+        clip_class='RankAdapterCLIP', custom_text_class='RankAdapterCustomTextCLIP',
+        default_loss='single-head',  # as the original training code
+        sample_types=('rank',),
+        add_args='open_clip_rank.models.adapter_options:add_adapter_args',
+        check_args='open_clip_rank.models.adapter_options:check_adapter_args',
+        configure='open_clip_rank.models.adapter_options:configure_adapter_run',
+        start_check='open_clip_rank.models.adapter_options:check_adapter_start',
+    ),
+    RankFamily(
+        name='ordinal', config_key='ordinal_cfg', suffix='-ordinal', model_module='open_clip_rank.models.ordinal',
+        clip_class='OrdinalCLIP', custom_text_class='OrdinalCustomTextCLIP',
+        default_loss='ordinal',  # CE + KL, as the official runner
+        sample_types=('ordinal',), square_resize=False,
+        num_ranks='open_clip_rank.models.ordinal_prompts:num_ranks_of_config',
+    ),
+)

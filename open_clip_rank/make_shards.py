@@ -29,13 +29,15 @@ KEEP_EXTENSIONS = {f'.{key}': 'jpg' if key == 'jpeg' else key for key in SHARD_I
 
 
 def parse_args(argv=None):
+    registry.load_plugins()  # their sample types may write shards
     p = argparse.ArgumentParser(prog='python -m open_clip_rank.make_shards', description=__doc__.split('\n\n')[0])
     p.add_argument('csv', help='data in the training format of --sample-type (e.g. a rank CSV: filepath, title, cname, '
                                'value[, sample_weights_by_class])')
     p.add_argument('out', help='output folder for the shards and sizes.json')
     p.add_argument('--shard-size', type=int, default=1000, help='samples per shard')
-    p.add_argument('--sample-type', choices=tuple(t for t, spec in registry.SAMPLE_TYPES.items() if spec.shard_records),
-                   default='rank', help='the --csv-dataset-sample-type the shards will train')
+    choices = tuple(name for name, spec in registry.SAMPLE_TYPES.items() if spec.shard_records)
+    p.add_argument('--sample-type', choices=choices, default=choices[0],
+                   help='the --csv-dataset-sample-type the shards will train')
     p.add_argument('--csv-separator', default='\t')
     p.add_argument('--csv-img-key', default='filepath')
     p.add_argument('--csv-caption-key', default='title')

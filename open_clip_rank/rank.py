@@ -28,6 +28,7 @@ _logger = logging.getLogger(__name__)
 
 
 def build_parser():
+    registry.load_plugins()  # their sample types may add flags
     p = argparse.ArgumentParser(prog='python -m open_clip_rank.rank', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group('input (one of)')

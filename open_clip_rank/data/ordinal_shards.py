@@ -8,7 +8,7 @@ import random
 
 from PIL import Image
 
-from .ordinal import collate_ordinal_batch
+from .ordinal_dataset import collate_ordinal_batch
 from .shards import (SkipCounter, check_shards, image_bytes, sample_key, sample_meta, scan_categories, shard_source,
                      skip_sample, train_loader, train_num_samples, val_loader)
 

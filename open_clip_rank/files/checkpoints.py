@@ -22,7 +22,6 @@ import json
 import zipfile
 from typing import Optional
 
-from .atomic import temporary_name
 
 _logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ def _names(entries):
 
 def add_plugin_args(parser: argparse.ArgumentParser):
     """Flags of open_clip_rank, in OpenCLIP's style (dashes; defaults as the original code)."""
+    registry.load_plugins()
     group = parser.add_argument_group(
         'open_clip_rank', f"Text-driven image ranking. Families (model-config key -> model names): "
                           f"{_names(f'{f.config_key} -> *{f.suffix}' for f in registry.FAMILIES.values())}.")

@@ -48,6 +48,7 @@ def register():
     import open_clip
     compat.check_factory(open_clip)
     compat.check_version(open_clip)
+    registry.load_plugins()  # other packages' families, losses and sample types
     for folder in registry.config_dirs():
         open_clip.add_model_config(folder)
     _patch_factory(open_clip)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import lock_text_tower
 
-from ..data.ordinal import OrdinalTargets  # noqa: F401  (the batch type, re-exported for the family)
+from ..data.ordinal_dataset import OrdinalTargets  # noqa: F401  (the batch type, re-exported for the family)
 from .base import RankModel, RankOutput
 from .ordinal_prompts import OrdinalCfg, RankPrompts
 from .towers import encode_text_embeddings, text_token_embedding
@@ -83,7 +83,7 @@ class OrdinalMixin(RankModel):
     @torch.no_grad()
     def freeze_prototypes(self, prototypes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fix the prototypes (computed now, or given, e.g. from an exported file): inference then runs the
-        image tower only. ``unfreeze_prototypes`` returns to computing them from the prompts."""
+        image tower only."""
         if prototypes is None:
             prototypes = self.compute_prototypes()
         if tuple(prototypes.shape) != (self.num_ranks, self.prototype_dim):
@@ -92,9 +92,6 @@ class OrdinalMixin(RankModel):
         device = self.logit_scale.device
         self.frozen_prototypes = prototypes.detach().to(device=device, dtype=torch.float32)  # as exported: normalised
         return self.frozen_prototypes
-
-    def unfreeze_prototypes(self):
-        self.frozen_prototypes = None
 
     # --- OpenCLIP's forward contract --------------------------------------------------------------
 

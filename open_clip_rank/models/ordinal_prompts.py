@@ -16,7 +16,7 @@ bank row fills each position.
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import nn

@@ -1,0 +1,99 @@
+"""What a method family, a loss and a sample type declare: the registry's entries (``registry.py`` holds the tables).
+
+Hooks are ``'package.module:function'`` paths, imported when first called, so declaring an entry imports nothing
+heavy (no torch, no OpenCLIP).
+"""
+import importlib
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+Hook = Optional[str]  # 'package.module:function', imported when first called; None: nothing to do
+
+
+def import_function(path: str):
+    module, name = path.split(':')
+    return getattr(importlib.import_module(module), name)
+
+
+def _call(hook: Hook, *args, default=None, **kwargs):
+    return import_function(hook)(*args, **kwargs) if hook else default
+
+
+@dataclass(frozen=True)
+class SampleType:
+    """A ``--csv-dataset-sample-type`` value. Hooks take the parsed training args (or the CLI's args)."""
+    name: str
+    data_builder: str  # (args, preprocess_fns, epoch=, tokenizer=) -> OpenCLIP's {'train': DataInfo, 'val': ...}
+    data_check: str  # (args) -> None: the data checks run before the run creates logs/<name>; raises
+    validation: str  # (model, info, args, epoch=) -> metrics dict, for the 'val' DataInfo the builder returned
+    add_args: Hook = None  # (parser) -> None: the training flags of this sample type
+    check_args: Hook = None  # (args) -> None: refuses bad flag combinations (ValueError); never changes args
+    configure: Hook = None  # (args) -> None: the run policy this sample type sets from checked args
+    shard_fields: Tuple[str, ...] = ()  # json keys every training shard sample carries
+    val_shard_fields: Tuple[str, ...] = ()  # ... and every validation shard sample
+    add_shard_args: Hook = None  # (parser) -> None: make_shards flags of this sample type
+    shard_records: Hook = None  # (args) -> iterable of (image path, json dict): make_shards' rows
+    add_cli_args: Hook = None  # (parser) -> None: rank CLI flags of this sample type
+    read_rows: Hook = None  # (args, model) -> [{'image', 'prompt', 'category', 'target'}]: a CSV for the rank CLI
+    report: Hook = None  # (args, model, rows) -> dict: the rank CLI's metrics (printed) and pictures of scored rows
+
+    def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
+        return import_function(self.data_builder)(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+
+    def check_data(self, args) -> None:
+        import_function(self.data_check)(args)
+
+    def validate(self, model, info, args, epoch=None) -> dict:
+        return import_function(self.validation)(model, info, args, epoch=epoch)
+
+
+@dataclass(frozen=True)
+class RankLoss:
+    """A ``--loss-opt`` value."""
+    name: str
+    builder: str  # (args) -> loss module, called as OpenCLIP calls its losses: loss(**model_out, output_dict=True)
+    sample_type: Optional[str] = None  # trains on the targets of this sample type; None: image-caption data
+    forms_pairs: bool = False  # orders pairs of images (what --rank-global-pairs gathers)
+    needs_pair_head: bool = False  # needs the pair head's logits in each training batch
+    add_args: Hook = None  # (parser) -> None
+    check_args: Hook = None  # (args) -> None: refuses bad flag combinations (ValueError)
+
+    def build(self, args):
+        return import_function(self.builder)(args)
+
+
+# Derived configs whose base is not simply the name without the suffix.
+BASE_MODEL_ALIASES = {
+    'convnext_base_w_224': 'convnext_base_w',  # same towers as convnext_base_w, 224 px
+    'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
+    'vgg16-RN50': 'RN50',  # OrdinalCLIP's MORPH setup: CLIP RN50's text tower (the image tower comes from timm)
+}
+
+
+@dataclass(frozen=True)
+class RankFamily:
+    """A model family: the config key that selects it and the model classes it builds."""
+    name: str
+    config_key: str  # its presence in a model config selects this family
+    suffix: str  # derived config names: '<base><suffix>'
+    model_module: str  # module holding the model classes (imported on first use)
+    clip_class: str  # built where OpenCLIP would build ``CLIP``
+    custom_text_class: str  # ... and ``CustomTextCLIP``
+    default_loss: str  # --loss-opt when none is given
+    sample_types: Tuple[str, ...]  # --csv-dataset-sample-type values this family trains on (the first: the CLI's)
+    # images resized to the square input without cropping (the adapter's data), else OpenCLIP's preprocessing
+    square_resize: bool = True
+    base_aliases: Mapping[str, str] = field(default_factory=lambda: BASE_MODEL_ALIASES)
+    add_args: Hook = None  # (parser) -> None: training flags of this family
+    check_args: Hook = None  # (args) -> None: refuses bad flag combinations (ValueError)
+    configure: Hook = None  # (args) -> None: the run policy this family's models read (set once, after checks)
+    start_check: Hook = None  # (args, model_cfg) -> None: refuses a run of this config (ValueError)
+    num_ranks: Hook = None  # (family config dict) -> int: the fixed set of ranks, for families that have one
+
+    def model_class(self, custom_text: bool):
+        module = importlib.import_module(self.model_module)
+        return getattr(module, self.custom_text_class if custom_text else self.clip_class)
+
+    def ranks_of(self, model_cfg: Optional[Mapping]) -> Optional[int]:
+        """The number of ranks a config of this family predicts (None: scores, not ranks)."""
+        return _call(self.num_ranks, (model_cfg or {}).get(self.config_key) or {})
