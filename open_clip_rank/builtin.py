@@ -81,7 +81,6 @@ FAMILIES = (
         sample_types=('rank',),
         add_args='open_clip_rank.models.adapter_options:add_adapter_args',
         check_args='open_clip_rank.models.adapter_options:check_adapter_args',
-        configure='open_clip_rank.models.adapter_options:configure_adapter_run',
         start_check='open_clip_rank.models.adapter_options:check_adapter_start',
     ),
     RankFamily(

@@ -15,6 +15,7 @@ depth, e.g. convnext_large_d_320), the single-head rank loss, AdamW; data loadin
 * ``cache fill``: the first epoch with an empty cache (the tower runs on both flip views of each new image);
 * ``cache``: epochs after every row was cached (all hits: the image tower never runs).
 """
+from types import SimpleNamespace
 import argparse
 import functools
 import os
@@ -72,17 +73,17 @@ def main(argv=None):
     from open_clip_rank.data.transforms import rank_transforms
     from open_clip_rank.data.feature_cache import build_cache
     from open_clip_rank.losses.ranking import RankingLoss
-    from open_clip_rank.models.adapter import set_tower_lock_policy
+    from open_clip_rank.integration.run_state import end_run, start_run
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     root = tempfile.mkdtemp(prefix='featcache-bench-')
     table = load_rank_table(write_data(root, args.images))
     model, _, preprocess_val = open_clip.create_model_and_transforms(args.model)
-    set_tower_lock_policy(args.strict_tower_lock, image_eval=True)
+    start_run(SimpleNamespace(strict_tower_lock=args.strict_tower_lock, lock_image_eval=True))
     model.lock_image_tower()
     model.lock_text_tower()
-    set_tower_lock_policy(False)
+    end_run()
     model.train()  # the adapter (and what trains of the towers) in training mode, the locked image tower in eval
     train_transform, deterministic = rank_transforms(preprocess_val)
     tokenizer = open_clip.get_tokenizer(args.model)

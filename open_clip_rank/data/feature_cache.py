@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import uuid
-import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -285,20 +284,6 @@ def tower_features_from_batch(visual: nn.Module, batch: CachedImages, tower_fn) 
 
 # --- what may be cached ---------------------------------------------------------------------------------
 
-_LOCKED = {'model': None}
-
-
-def note_image_tower_locked(model) -> None:
-    """Called by the adapter models' ``lock_image_tower`` (``--lock-image``, before OpenCLIP's main builds the
-    data): the cache's data side needs the model (weights hash, output shape)."""
-    _LOCKED['model'] = weakref.ref(model)
-
-
-def locked_model():
-    ref = _LOCKED['model']
-    return ref() if ref is not None else None
-
-
 def check_cacheable(model) -> None:
     """Refuse, with the reason, a model whose image-tower outputs cannot be cached: a cached part that trains or
     depends on the batch or on chance in training (BatchNorm with batch statistics, dropout, patch dropout,
@@ -315,17 +300,18 @@ def check_cacheable(model) -> None:
     if getattr(model, 'image_tower_eval', False):
         return  # --lock-image-eval: no module of the tower behaves differently from evaluation
     for name, module in model.visual.named_modules():
-        random_in_training = _random_in_training(module)
-        if random_in_training:
-            why, fix = random_in_training
+        random_in_training_ = random_in_training(module)
+        if random_in_training_:
+            why, fix = random_in_training_
             raise FeatureCacheError(f"--rank-feature-cache: visual.{name} {why}, so a cached output would differ "
                                     f"from the tower's; add {fix}--lock-image-eval (the locked tower then runs in "
                                     f"eval mode, cached or not).")
 
 
-def _random_in_training(module: nn.Module) -> Optional[Tuple[str, str]]:
-    """(why ``module`` makes a frozen tower's output depend on the batch or on chance in training mode, a fix of
-    its own besides --lock-image-eval), or None."""
+def random_in_training(module: nn.Module) -> Optional[Tuple[str, str]]:
+    """(why ``module`` makes a frozen module's output depend on the batch or on chance in training mode, a fix of
+    its own besides --lock-image-eval), or None. The one rule for every cache of frozen outputs (this cache, the
+    adapter's frozen-text memo)."""
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.dropout import _DropoutNd
     from open_clip.transformer import PatchDropout
@@ -333,6 +319,8 @@ def _random_in_training(module: nn.Module) -> Optional[Tuple[str, str]]:
         return "is a BatchNorm that uses batch statistics in training", '--lock-image-freeze-bn-stats or '
     if isinstance(module, _DropoutNd) and module.p > 0:
         return f"drops at random in training (p={module.p})", ''
+    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+        return f"drops attention weights at random in training (dropout={module.dropout})", ''
     if isinstance(module, PatchDropout) and module.prob > 0:
         return f"drops patches at random in training (prob={module.prob})", ''
     drop_prob = getattr(module, 'drop_prob', 0)  # timm's DropPath / DropBlock

@@ -78,9 +78,10 @@ def _loader(dataset, batch_sampler, args, with_pairs=True, global_pairs=False):
 def _cached_loader(args, table, deterministic_transform, tokenizer, batch_sampler, with_pairs, global_pairs):
     """``--rank-feature-cache``: samples from the frozen-tower cache (both flip views stored; see
     ``feature_cache.py``), built from the model ``--lock-image`` locked."""
-    from .feature_cache import FeatureCacheError, build_cache, locked_model
+    from ..integration.run_state import current_run
+    from .feature_cache import FeatureCacheError, build_cache
     from .cached import CachedRankDataset, collate_cached_rank_batch
-    model = locked_model()
+    model = current_run().locked_model() if current_run() is not None else None
     if model is None:
         raise RankDataError("--rank-feature-cache needs the model locked by --lock-image before the data is built "
                             "(as open_clip_train.main does).")

@@ -199,8 +199,8 @@ def _save_run_checkpoint(original_save, obj, f, *args, **kwargs):
     """torch.save: atomic for files in the current training run's checkpoint folder, unchanged otherwise."""
     from ..files.atomic import atomic_torch_save
     from ..files.checkpoints import inside
-    from . import start_checks
-    folder = getattr(start_checks.current_run, 'checkpoint_path', None)
+    from .run_state import run_flag
+    folder = run_flag('checkpoint_path', None)
     if inside(folder, f):
         return atomic_torch_save(original_save, obj, f, *args, **kwargs)
     return original_save(obj, f, *args, **kwargs)
@@ -218,8 +218,10 @@ def _setup_logging(original):
 def _pt_load(original):
     def pt_load(file_path, map_location=None):
         from ..files.checkpoints import load_resume_checkpoint
-        from .start_checks import current_run
-        return load_resume_checkpoint(original, file_path, map_location=map_location, run_args=current_run)
+        from .run_state import current_run
+        run = current_run()
+        return load_resume_checkpoint(original, file_path, map_location=map_location,
+                                      run_args=run.args if run is not None else None)
 
     return pt_load
 

@@ -17,11 +17,7 @@ from typing import Optional
 
 from .. import registry
 from . import compat
-
-# The args of the training run in this process (set by the parse_args wrapper), read by the
-# checkpoint-writing and resume patches: they act only on that run's checkpoint folder.
-current_run = None
-
+from .run_state import start_run
 
 class StartRefused(ValueError):
     """A training run or a ranking that must not start; the message is one line with the fix."""
@@ -148,12 +144,11 @@ def check_training_start(args):
 
 
 def start_training_run(args):
-    """The parse_args wrapper's last step: refuse a bad start (exit 2), else remember the run."""
-    global current_run
+    """The parse_args wrapper's last step: refuse a bad start (exit 2), else start the run (``run_state``)."""
     try:
         check_training_start(args)
     except ValueError as err:  # StartRefused, RankDataError, UnreadableCheckpointError: one line each
         refuse(str(err))
     args.rank_resume_latest = args.resume == 'latest'
-    current_run = args
+    start_run(args)
     return args

@@ -17,7 +17,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower, text_global_pool
 
 from ..integration import compat
-from ..data.feature_cache import CachedImages, note_image_tower_locked, tower_features_from_batch
+from ..data.feature_cache import CachedImages, tower_features_from_batch
+from ..integration.run_state import current_run, run_flag
 from .adapter_layers import MODEL_VERSION, AdapterCfg, RankAdapter, adapter_layers
 from .base import RankModel, RankOutput, RankTexts
 from .towers import (FrozenTextMemo, emit_tokens, encode_distinct_texts, image_tokens, image_tower_features,
@@ -75,17 +76,6 @@ def check_adapter_config(embed_dim, vision_cfg, text_cfg, adapter_cfg: AdapterCf
             raise ValueError(
                 f"adapter_cfg.d_model={adapter_cfg.d_model} does not match the {what} {width}; "
                 f"set adapter_cfg.d_model to {width} or change the tower config.")
-
-
-# --lock-image / --lock-text on adapter models: 'official' (the original code's trainable set) or 'strict'
-# (whole towers frozen); 'image_eval': the locked image tower runs as at evaluation while the model trains
-# (--lock-image-eval). Set from the training flags before the model is built and locked.
-_TOWER_LOCK = {'strict': False, 'image_eval': False}
-
-
-def set_tower_lock_policy(strict: bool, image_eval: bool = False) -> None:
-    _TOWER_LOCK['strict'] = bool(strict)
-    _TOWER_LOCK['image_eval'] = bool(image_eval)
 
 
 def _log_trainable(what: str, module: nn.Module, policy: str):
@@ -146,18 +136,20 @@ class RankAdapterMixin(RankModel):
         """``--lock-image``: OpenCLIP's lock, then, as the original code ("locking image tower but not proj"),
         a ViT's ``visual.proj`` trains again; ``--strict-tower-lock`` keeps the whole tower frozen."""
         super().lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
-        strict = _TOWER_LOCK['strict']
+        strict = run_flag('strict_tower_lock')
         if not strict and isinstance(getattr(self.visual, 'proj', None), nn.Parameter):
             self.visual.proj.requires_grad_(True)
         _log_trainable('Image tower', self.visual, 'strict' if strict else 'as the original: visual.proj trains')
-        if _TOWER_LOCK['image_eval']:
+        if run_flag('lock_image_eval'):
             # --lock-image-eval: a frozen tower's stochastic depth, dropout and BatchNorm batch statistics only make
             # its features random; run it as at evaluation (this is also what --rank-feature-cache can store)
             self.image_tower_eval = True
             self.train(self.training)  # train() keeps the locked tower in eval mode from now on
             _logger.info("Image tower locked in eval mode (--lock-image-eval): no stochastic depth, dropout or "
                          "BatchNorm batch statistics while training.")
-        note_image_tower_locked(self)  # --rank-feature-cache builds its data side from the locked model
+        run = current_run()
+        if run is not None:  # --rank-feature-cache builds its data side from the locked model
+            run.note_locked_model(self)
 
     def _text_transformer(self) -> nn.Module:
         raise NotImplementedError
@@ -171,7 +163,7 @@ class RankAdapterMixin(RankModel):
         ``--strict-tower-lock`` freezes the tower,
         LayerNorms included (OpenCLIP 3.3's ``CLIP.lock_text_tower`` asserts ``freeze_layer_norm``, which its CLI
         passes as False unless ``--lock-text-freeze-layer-norm``: that assertion is not reproduced)."""
-        if _TOWER_LOCK['strict']:
+        if run_flag('strict_tower_lock'):
             self._lock_text_strictly(unlocked_layers)
             policy = 'strict'
         else:

@@ -1,5 +1,6 @@
-"""The adapter family's training flags, their checks, the run policy they set and its start check
-(registered in ``builtin.py``): ``--strict-tower-lock``, ``--lock-image-eval`` and ``--rank-feature-cache``."""
+"""The adapter family's training flags, their checks and its start check (declared in ``builtin.py``):
+``--strict-tower-lock``, ``--lock-image-eval`` and ``--rank-feature-cache``. The models read the first two from the
+training run (``integration/run_state.py``) when OpenCLIP's main locks their towers."""
 
 
 def add_adapter_args(parser):
@@ -68,13 +69,6 @@ def check_lock_image_eval_args(args):
 def check_adapter_args(args):
     check_feature_cache_args(args)
     check_lock_image_eval_args(args)
-
-
-def configure_adapter_run(args):
-    """The tower lock policy the adapter models' ``lock_image_tower`` / ``lock_text_tower`` read."""
-    from .adapter import set_tower_lock_policy
-    set_tower_lock_policy(strict=getattr(args, 'strict_tower_lock', False),
-                          image_eval=getattr(args, 'lock_image_eval', False))
 
 
 def check_adapter_start(args, model_cfg):

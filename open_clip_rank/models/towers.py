@@ -10,6 +10,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
+from ..data.feature_cache import random_in_training
 from ..integration import compat
 
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -106,22 +107,16 @@ def encode_distinct_texts(encode_text_tokens, text: torch.Tensor):
     return features, tokens, index.to(tokens.device)
 
 
-_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
-
-
-def _active_dropout(module: torch.nn.Module) -> bool:
-    for m in module.modules():
-        if m.training and ((isinstance(m, _DROPOUT) and m.p > 0)
-                           or (isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0)):
-            return True
-    return False
+def _random_in_training(module: torch.nn.Module) -> bool:
+    """Any submodule in training mode whose output depends on chance or the batch (the feature cache's rule)."""
+    return any(m.training and random_in_training(m) for m in module.modules())
 
 
 class FrozenTextMemo:
     """Text-tower outputs kept per caption while the text tower cannot change them (``--strict-tower-lock``: a
     rank run's few instructions are then encoded once per run, not once per step).
 
-    Used only while every text-tower parameter is frozen and no dropout is active; kept only while the weights are
+    Used only while every text-tower parameter is frozen and nothing in it is random in training (dropout, ...); kept only while the weights are
     unchanged (their tensors' version counters: an optimizer step or ``load_state_dict`` writes them in place), on
     the same device and dtype, under the same autocast setting. Anything else: computed as usual. At most
     ``max_entries`` captions are kept (then it starts over)."""
@@ -133,7 +128,7 @@ class FrozenTextMemo:
 
     def _state_of(self, module: torch.nn.Module, text: torch.Tensor):
         params = list(module.parameters())
-        if not params or any(p.requires_grad for p in params) or _active_dropout(module):
+        if not params or any(p.requires_grad for p in params) or _random_in_training(module):
             return None
         device = params[0].device
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
