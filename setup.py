@@ -1,7 +1,7 @@
 """setuptools needs code for one thing: putting the autoload ``.pth`` file into site-packages.
 
 Everything else is declared in setup.cfg. The ``.pth`` line imports a stdlib-only module that
-installs a lazy import hook (see open_clip_rank/_bootstrap.py); it does nothing when
+installs a lazy import hook (see open_clip_rank/integration/_bootstrap.py); it does nothing when
 OPEN_CLIP_RANK_AUTOLOAD=0. Both regular and editable (PEP 660) installs get it.
 """
 import os

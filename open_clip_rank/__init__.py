@@ -9,18 +9,29 @@ from .version import __version__
 
 _LAZY = {
     'register': 'integration.hook',
+    # the registry: what a third-party family, loss or sample type registers with
     'FAMILIES': 'registry',
-    'RankFamily': 'registry',
+    'LOSSES': 'registry',
     'SAMPLE_TYPES': 'registry',
+    'RankFamily': 'registry',
+    'RankLoss': 'registry',
     'SampleType': 'registry',
+    'register_family': 'registry',
+    'register_loss': 'registry',
+    'register_sample_type': 'registry',
+    'register_config_dir': 'registry',
     'family_for_model': 'registry',
+    # the rank-model protocol and the library API
     'RankModel': 'models.base',
-    'RankTexts': 'models.base',
+    'RankTexts': 'data.batches',
+    'load_rank_model': 'inference',
+    'rank_images': 'inference',
+    'CheckpointMismatchError': 'models.checkpoint',
+    # the adapter family's classes (the paper's model)
     'AdapterCfg': 'models.adapter_layers',
     'RankAdapter': 'models.adapter_layers',
     'RankAdapterCLIP': 'models.adapter',
     'RankAdapterCustomTextCLIP': 'models.adapter',
-    'CheckpointMismatchError': 'models.checkpoint',
 }
 
 __all__ = ['__version__', *_LAZY]

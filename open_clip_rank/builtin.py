@@ -82,6 +82,7 @@ FAMILIES = (
         add_args='open_clip_rank.models.adapter_options:add_adapter_args',
         check_args='open_clip_rank.models.adapter_options:check_adapter_args',
         start_check='open_clip_rank.models.adapter_options:check_adapter_start',
+        after_epoch='open_clip_rank.models.adapter_options:report_feature_cache_use',
     ),
     RankFamily(
         name='ordinal', config_key='ordinal_cfg', suffix='-ordinal', model_module='open_clip_rank.models.ordinal',

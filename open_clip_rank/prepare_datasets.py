@@ -5,7 +5,7 @@
 ``filepath title cname value sample_weights_by_class``, absolute image paths) that ``load_rank_table``
 and ``python -m open_clip_train.main --csv-dataset-sample-type rank`` read.
 
-Each dataset is read in its public file layout (``LAYOUTS`` below, also in the README). A missing label
+Each dataset is read in its public file layout (``LAYOUTS`` below, also in docs/data.md). A missing label
 file, image folder or image, or a label file that does not parse, is one ``DatasetLayoutError`` naming the
 file expected; the CLI prints it and exits with status 2.
 

@@ -88,6 +88,7 @@ class RankFamily:
     check_args: Hook = None  # (args) -> None: refuses bad flag combinations (ValueError)
     configure: Hook = None  # (args) -> None: the run policy this family's models read (set once, after checks)
     start_check: Hook = None  # (args, model_cfg) -> None: refuses a run of this config (ValueError)
+    after_epoch: Hook = None  # (args, epoch) -> None: after each of OpenCLIP's training epochs (e.g. a report)
     num_ranks: Hook = None  # (family config dict) -> int: the fixed set of ranks, for families that have one
 
     def model_class(self, custom_text: bool):

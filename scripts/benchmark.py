@@ -7,17 +7,17 @@
     python scripts/benchmark.py --device cuda --dim 768 --tokens 100 --queries 16 --batch-sizes 64 128 256
     python scripts/benchmark.py --official-repo PATH/TO/RankingAwareCLIP   # run the original class itself
 
-Each row is forward + backward of the pair head alone (as in DESIGN.md), median of ``--repeats`` runs
+Each row is forward + backward of the pair head alone (docs/adapter.md), median of ``--repeats`` runs
 after a warm-up, and peak memory above the inputs: ``torch.cuda.max_memory_allocated`` on CUDA, the
 process's peak RSS (VmHWM) on CPU (each measurement in a fresh subprocess, so peaks do not mix). The original
-is, by default, ``tests/reference_pair_head.quadratic_pair_attention`` (the official algorithm restated and
+is, by default, ``open_clip_rank.models.pair_reference.quadratic_pair_attention`` (the official algorithm restated and
 tested equal); with ``--official-repo`` the official ``MultiHeadRankawareAttentionV2`` class is loaded from
 a checkout of uynaes/RankingAwareCLIP and run with the same weights.
 
 ``--mode step``: forward + backward of the whole adapter (fusion blocks, post-fusion encoder, regression and
 pair heads, dual-head loss) in training mode on random image / text tokens (the towers are not part of it).
 "official" runs the same weights the way the official code computes them: OpenCLIP's ``ResidualAttentionBlock``
-and PyTorch's ``nn.TransformerEncoderLayer`` forwards and the N*N pair head of ``reference_pair_head``; "ours"
+and PyTorch's ``nn.TransformerEncoderLayer`` forwards and the N*N pair head of ``pair_reference``; "ours"
 is ``RankAdapter`` as it is, "ours+ckpt" the same with ``set_grad_checkpointing(True)``. Memory: the process's
 peak RSS (fresh subprocess per row), shown as the growth over the built model and inputs and as the whole process.
 
@@ -107,8 +107,7 @@ def build(args, device, dtype):
 
 
 def make_runner(impl, ours, official, n_queries):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
-    from reference_pair_head import quadratic_pair_attention
+    from open_clip_rank.models.pair_reference import quadratic_pair_attention
     if impl == 'factorised':
         return lambda q, x: ours(q, x)
     if official is not None:  # the original class: [1, Q, D] queries, [N*N, Q, D] out, summed over queries
@@ -201,8 +200,7 @@ def official_adapter_forward(adapter, image_tokens, text_tokens):
     import torch
     from torch import nn
     from open_clip.transformer import ResidualAttentionBlock
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
-    from reference_pair_head import quadratic_pair_attention
+    from open_clip_rank.models.pair_reference import quadratic_pair_attention
     n, _, width = text_tokens.shape
     if adapter.learnable_text_tokens is not None:
         prefix = adapter.learnable_text_tokens.view(1, -1, 1).expand(n, -1, width)
@@ -231,8 +229,7 @@ def step_inputs(args, adapter_cfg, n, device, dtype):
 
 
 def step_runner(impl, adapter):
-    import torch
-    from open_clip_rank.losses import RankingLoss
+    from open_clip_rank.losses.ranking import RankingLoss
     loss_fn = RankingLoss('dual', ['regression', 'rank'])
     adapter.set_grad_checkpointing(impl == 'ours+ckpt')
     forward = (lambda i, t: official_adapter_forward(adapter, i, t)) if impl == 'official' else adapter
@@ -406,7 +403,8 @@ def main(argv=None):
                 json.dump({'config': {k: v for k, v in vars(args).items() if not k.startswith('_')}, 'rows': rows}, f,
                           indent=2)
         return 0
-    original = 'official class' if args.official_repo else 'official algorithm (tests/reference_pair_head.py)'
+    original = ('official class' if args.official_repo
+                else 'official algorithm (open_clip_rank/models/pair_reference.py)')
     check_same_values(args)
     device_name = torch.cuda.get_device_name() if args.device == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f"pair head forward+backward on {device_name}, {args.dtype}, D={args.dim}, heads={args.heads}, "

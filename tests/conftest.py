@@ -1,21 +1,11 @@
-"""Shared test helpers: tiny model configs, the reference fixtures (tests/fixtures), subprocess environments."""
-import contextlib
-import io
-import os
-import site
-import socket
-import subprocess
+"""Pytest fixtures and hooks. The shared helper functions and constants are in helpers.py (``from helpers import``)."""
 import sys
-import warnings
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEST_CONFIG_DIR = Path(__file__).resolve().parent / 'model_configs'
-SHARED_DIR = Path(os.environ.get('OPEN_CLIP_RANK_SHARED', REPO_ROOT.parent / 'shared'))
-FIXTURES_DIR = Path(__file__).resolve().parent / 'fixtures'  # in the repository (not in the wheel)
-SHARED_FIXTURES_DIR = SHARED_DIR / 'fixtures'  # fallback: a shared folder beside the checkout
+from helpers import REPO_ROOT, TEST_CONFIG_DIR, run, subprocess_env
+
+KIND_MARKERS = ('unit', 'e2e')  # every test carries exactly one (see the markers in pyproject.toml's [tool.pytest.ini_options])
 
 
 def pytest_configure(config):
@@ -24,101 +14,27 @@ def pytest_configure(config):
     open_clip.add_model_config(TEST_CONFIG_DIR)
 
 
-def fixture_path(name: str) -> Path:
-    """tests/fixtures/<name>; else ../shared/fixtures/<name> (or $OPEN_CLIP_RANK_SHARED/fixtures)."""
-    for folder in (FIXTURES_DIR, SHARED_FIXTURES_DIR):
-        path = folder / name
-        if path.is_file():
-            return path
-    pytest.skip(f"reference fixture {name} not found in {FIXTURES_DIR} (part of the repository: is the checkout "
-                f"complete?) nor in {SHARED_FIXTURES_DIR}")
-
-
-def subprocess_env(**extra):
-    """Environment for child interpreters: unbuffered, CPU only, quiet."""
-    env = dict(os.environ)
-    env.update({'PYTHONUNBUFFERED': '1', 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """Refuse to run a test that carries neither ``unit`` nor ``e2e`` (or both), or ``distributed`` without
+    ``e2e``: the fast run (``pytest -m unit``) must not lose a test, nor gain a slow one, silently."""
+    wrong = []
+    for item in items:
+        kinds = [m for m in KIND_MARKERS if item.get_closest_marker(m) is not None]
+        if len(kinds) != 1:
+            wrong.append(f"{item.nodeid}: marked {kinds or 'with neither'}")
+        elif item.get_closest_marker('distributed') is not None and kinds != ['e2e']:
+            wrong.append(f"{item.nodeid}: 'distributed' without 'e2e'")
+    if wrong:
+        raise pytest.UsageError(
+            "every test needs exactly one of the markers 'unit' (fast, in-process, no training run) or 'e2e' "
+            "(training runs, CLIs in child processes; 2-process runs add 'distributed'); mark the module "
+            "(pytestmark = pytest.mark.unit) or the test:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture
 def python():
     return sys.executable
-
-
-# --- an installed copy of the project, with only its own .pth processed ----------------------------
-
-def site_packages():
-    return [p for p in site.getsitepackages() if p.endswith('site-packages')]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def run_gloo_worker(script, out, expected):
-    """Run a 2-process gloo worker script (``script OUT PORT``) that saves ``OUT/<name>.pt`` per name in
-    ``expected`` and then tears its process group down.
-
-    Every result file is written before the teardown (barrier, destroy_process_group); gloo's teardown can
-    rarely abort one process afterwards ("terminate called without an active exception"), which cannot change a
-    saved value: that alone is reported as a warning, anything else (a missing result) fails.
-    """
-    result = run([sys.executable, str(script), str(out), str(free_port())], subprocess_env())
-    missing = [name for name in expected if not (Path(out) / f'{name}.pt').is_file()]
-    assert not missing, f"missing results {missing}:\n{result.stderr[-3000:]}"
-    if result.returncode != 0:
-        warnings.warn(f"{Path(script).name}: every result was saved, then the process group teardown failed "
-                      f"(exit {result.returncode}): {result.stderr.strip().splitlines()[-1]}")
-
-
-def call_main(main, argv, cwd=None):
-    """A CLI's ``main(argv)`` called in this process, as ``subprocess.run`` would report it.
-
-    For refusals and small conversions: a child interpreter costs ~10 s of imports (torch, OpenCLIP) on the
-    CI machines. Exit status from the return value or ``SystemExit``; stdout and stderr captured.
-    """
-    out, err = io.StringIO(), io.StringIO()
-    previous = os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in argv]) or 0
-            except SystemExit as exit_:
-                code = exit_.code
-                if isinstance(code, str):  # sys.exit("message"): the interpreter prints it, status 1
-                    print(code, file=sys.stderr)
-                    code = 1
-                code = code or 0
-    finally:
-        os.chdir(previous)
-    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
-
-
-def run_openclip_main(argv, cwd, launcher=None, in_process=False, timeout=600):
-    """``open_clip_train.main`` with ``argv`` in ``cwd`` (OpenCLIP writes ./logs there), the test configs registered.
-
-    A child process (``launcher``: e.g. torchrun's, default ``python -m open_clip_train.main``), or, for refused
-    starts (they stop in ``parse_args``, before anything is built), ``main(argv)`` in this process.
-    """
-    argv = [str(a) for a in argv]
-    Path(cwd).mkdir(parents=True, exist_ok=True)
-    if in_process:
-        from open_clip_train.main import main
-        return call_main(main, argv, cwd=cwd)
-    launcher = launcher or (sys.executable, '-m', 'open_clip_train.main')
-    return subprocess.run([*launcher, *argv], env=subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR)),
-                          cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
-
-
-def run(args, env, cwd=None):
-    """A child process; the timeout only guards against hangs."""
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope='session')
@@ -131,15 +47,3 @@ def target_install(tmp_path_factory):
     assert (target / 'open_clip_rank-autoload.pth').is_file()
     assert (target / 'open_clip_rank' / 'model_configs' / 'RN50-adapter.json').is_file()
     return target
-
-
-def isolated_python(target, code, **env):
-    """python -S: no site processing, so only the target's .pth can install the hook.
-
-    The environment's site-packages (torch, open_clip) go on sys.path as plain paths, so their
-    .pth files, including an installed open_clip_rank's, are NOT processed.
-    """
-    bootstrap = (f"import sys, site; sys.path[:0] = [p for p in {site_packages()!r}]; "
-                 f"site.addsitedir({str(target)!r}); sys.path.remove({str(target)!r}); "
-                 f"sys.path.insert(0, {str(target)!r}); ")
-    return run([sys.executable, '-S', '-c', bootstrap + code], subprocess_env(**env), cwd=str(target))

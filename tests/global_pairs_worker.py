@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import open_clip
 import open_clip_rank  # noqa: F401
-from open_clip_rank.losses import RankingLoss
+from open_clip_rank.losses.ranking import RankingLoss
 from open_clip_rank.data.batches import RankTexts
 
 WORLD, LOCAL = 2, 4

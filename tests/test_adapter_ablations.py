@@ -9,7 +9,9 @@ import open_clip
 from open_clip_rank.models.adapter import RankAdapterCLIP
 from open_clip_rank.data.batches import RankTexts
 
-BASE = json.loads(open(__import__('conftest').TEST_CONFIG_DIR / 'tiny-vit-adapter.json').read())
+pytestmark = pytest.mark.unit
+
+BASE = json.loads(open(__import__('helpers').TEST_CONFIG_DIR / 'tiny-vit-adapter.json').read())
 
 
 def build(**adapter):
@@ -159,8 +161,7 @@ def test_softmax_pooler_checkpoint_round_trip_and_no_dual_head(tmp_path):
     images, texts = _batch()
     assert torch.equal(loaded(images, texts)['rank_scores'], model(images, texts)['rank_scores'])
     # the pair losses need a pair head: refused before training, with the way out
-    from conftest import call_main
-    from rank_data_helpers import write_rank_csv
+    from helpers import call_main, write_rank_csv
     from open_clip_train.main import main
     csv = write_rank_csv(str(tmp_path), per_count=2, name='train.csv')
     result = call_main(main, ['--model', 'tiny-softmax-adapter', '--dataset-type', 'csv', '--csv-dataset-sample-type',

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import open_clip
-from open_clip_rank.losses import RankingLoss
-from conftest import fixture_path
+from open_clip_rank.losses.ranking import RankingLoss
+from helpers import fixture_path
+
+pytestmark = pytest.mark.unit
 
 FAMILIES = ['vit', 'resnet', 'convnext']
 # fixtures/README.md: outputs and losses to 1e-5 relative, gradients to 1e-4

@@ -7,6 +7,8 @@ import torch
 from open_clip_rank.files import atomic
 from open_clip_rank.files import checkpoints as cf
 
+pytestmark = pytest.mark.unit
+
 
 def _save(path, epoch):
     torch.save({'epoch': epoch, 'state_dict': {'w': torch.full((64,), float(epoch))}}, path)

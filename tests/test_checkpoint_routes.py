@@ -17,7 +17,7 @@ import open_clip
 from open_clip_rank import CheckpointMismatchError
 from open_clip_rank.files.checkpoints import UnreadableCheckpointError
 from open_clip_rank.inference import UninitialisedModelError, load_rank_model, score_images
-from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
+from helpers import TEST_CONFIG_DIR, call_main, subprocess_env
 
 MODEL = 'tiny-vit-adapter'
 PROMPT = 'Rank the numbers of circle.'
@@ -91,6 +91,7 @@ def _route(setup, route):
     return {'config_path': str(setup['config_file'])}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('route', ['built-in', 'local-dir', 'config-path'])
 def test_each_route_loads_the_checkpoint_and_refuses_another_configs(setup, route):
     torch.manual_seed(7)  # random init would differ from the checkpoint's weights
@@ -101,6 +102,7 @@ def test_each_route_loads_the_checkpoint_and_refuses_another_configs(setup, rout
         load_rank_model(**_route(setup, route), checkpoint_path=str(setup['wrong']), device='cpu')
 
 
+@pytest.mark.unit
 def test_local_dir_weights_load_and_a_checkpoint_replaces_them(setup):
     model, transform, tokenizer = load_rank_model(f"local-dir:{setup['local_dir_with_weights']}", device='cpu')
     torch.testing.assert_close(_scores(model, transform, tokenizer, setup['paths']), _expected(setup))
@@ -109,6 +111,7 @@ def test_local_dir_weights_load_and_a_checkpoint_replaces_them(setup):
                         device='cpu')
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('route', ['built-in', 'local-dir', 'config-path'])
 def test_no_weights_is_refused_unless_asked_for(setup, route):
     with pytest.raises(UninitialisedModelError, match='--random-weights'):
@@ -117,6 +120,7 @@ def test_no_weights_is_refused_unless_asked_for(setup, route):
     assert model.training is False
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('route', ['built-in', 'local-dir', 'config-path'])
 def test_base_clip_weights_alone_are_refused_unless_asked_for(setup, route, tmp_path):
     """A plain CLIP checkpoint fills the towers only: the adapter would rank with random weights."""
@@ -128,6 +132,7 @@ def test_base_clip_weights_alone_are_refused_unless_asked_for(setup, route, tmp_
         load_rank_model(**_route(setup, route), checkpoint_path=str(base), device='cpu')
 
 
+@pytest.mark.unit
 def test_damaged_checkpoint_and_unknown_model_are_one_line(setup, tmp_path):
     data = setup['checkpoint'].read_bytes()
     cut = tmp_path / 'cut.pt'
@@ -159,6 +164,7 @@ print(json.dumps(out))
 """ % (HF_REPO, PROMPT)
 
 
+@pytest.mark.e2e
 def test_hf_hub_route_offline(setup):
     """hf-hub: through OpenCLIP's own Hugging Face resolution, from a local cache (HF_HUB_OFFLINE)."""
     env = subprocess_env(HF_HUB_OFFLINE=1, HF_HUB_CACHE=setup['hf_cache'], HF_HOME=setup['root'] / 'hf_home')
@@ -171,6 +177,7 @@ def test_hf_hub_route_offline(setup):
     assert out['none'].startswith('UninitialisedModelError')
 
 
+@pytest.mark.e2e
 def test_rank_cli_local_dir_checkpoint_and_refusals(setup, tmp_path):
     """The issue's command: --model local-dir:DIR --checkpoint-path CKPT ranks with the checkpoint's weights."""
     env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=TEST_CONFIG_DIR)

@@ -18,9 +18,10 @@ import open_clip_train.train
 from open_clip import factory
 from open_clip_rank.integration import compat, hook
 from open_clip_rank.registry import FAMILIES
-from conftest import subprocess_env
+from helpers import subprocess_env
 
 
+@pytest.mark.unit
 def test_factory_patch_points_are_live():
     for name in ('CLIP', 'CustomTextCLIP', 'load_checkpoint', 'create_loss'):
         assert compat.is_patched(getattr(factory, name)), name
@@ -34,6 +35,7 @@ def test_factory_patch_points_are_live():
         'convnext_large_d_320']
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('module', [open_clip_train.params, open_clip_train.data, open_clip_train.train,
                                     open_clip_train.distributed, open_clip_train.logger,
                                     open_clip_train.file_utils])
@@ -42,6 +44,7 @@ def test_training_patch_points_are_live(module):
     assert compat.is_patched(getattr(module, name))
 
 
+@pytest.mark.unit
 def test_openclip_train_main_still_calls_what_is_patched():
     compat.check_training_package('open_clip_train', open_clip.__version__)
     import open_clip_train.main as main  # its from-imports bound the patched functions
@@ -55,6 +58,7 @@ def test_openclip_train_main_still_calls_what_is_patched():
     assert compat.is_patched(torch.save)
 
 
+@pytest.mark.unit
 def test_moved_patch_points_fail_with_one_line(monkeypatch):
     moved = types.ModuleType('open_clip_train.data')  # e.g. get_data renamed upstream
     with pytest.raises(compat.PatchPointMissing) as info:
@@ -71,6 +75,7 @@ def test_moved_patch_points_fail_with_one_line(monkeypatch):
         compat.check_factory(open_clip)
 
 
+@pytest.mark.unit
 def test_main_routed_elsewhere_is_detected(tmp_path, monkeypatch):
     """OpenCLIP's main branch routes main.py through create_task: no create_loss call left in main."""
     package = tmp_path / 'fake_train'
@@ -82,6 +87,7 @@ def test_main_routed_elsewhere_is_detected(tmp_path, monkeypatch):
         compat.check_training_package('fake_train', '3.4.0')
 
 
+@pytest.mark.e2e
 def test_plugin_import_fails_loudly_when_openclip_moved():
     """A fresh interpreter whose OpenCLIP lacks a patch point: ``import open_clip`` raises one named line."""
     code = ("import open_clip.factory as f; del f.CustomTextCLIP; import open_clip_rank.integration.hook as h; h.register()")
@@ -92,6 +98,7 @@ def test_plugin_import_fails_loudly_when_openclip_moved():
     assert 'open_clip.factory.CustomTextCLIP' in last and 'open_clip_torch>=3.3,<3.4' in last
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('val_frequency,epochs', [(1, 3), (2, 5), (3, 4), (0, 2)])
 def test_val_schedule_is_openclips(val_frequency, epochs):
     """The rank evaluation runs exactly when OpenCLIP's own evaluate runs its validation pass."""
@@ -128,6 +135,7 @@ class _Probe:
         raise _Stop
 
 
+@pytest.mark.unit
 def test_cpu_ddp_shim_only_drops_cpu_device_ids():
     ddp = torch.nn.parallel.DistributedDataParallel
     try:
@@ -140,12 +148,14 @@ def test_cpu_ddp_shim_only_drops_cpu_device_ids():
         torch.nn.parallel.DistributedDataParallel = ddp
 
 
+@pytest.mark.unit
 def test_register_is_idempotent():
     before = factory.CLIP
     hook.register()
     assert factory.CLIP is before
 
 
+@pytest.mark.unit
 def test_zero_shot_accuracy_fix_counts_as_openclip_does():
     import open_clip_train.zero_shot as zero_shot
     g = torch.Generator().manual_seed(0)
@@ -161,6 +171,7 @@ def test_zero_shot_accuracy_fix_counts_as_openclip_does():
         assert zero_shot.accuracy(logits, target, topk=(1, 5)) == [top1, top5]
 
 
+@pytest.mark.unit
 def test_openclip_data_building_blocks_are_present_and_a_missing_one_is_named(monkeypatch):
     from open_clip_train import data
     from open_clip_rank.integration import compat
@@ -171,6 +182,7 @@ def test_openclip_data_building_blocks_are_present_and_a_missing_one_is_named(mo
         compat.openclip_data('DataInfo')
 
 
+@pytest.mark.unit
 def test_quiet_torch_loggers_respects_torch_logs(monkeypatch):
     import logging
     inner = logging.getLogger('torch._dynamo.test_quiet_probe')
@@ -184,6 +196,7 @@ def test_quiet_torch_loggers_respects_torch_logs(monkeypatch):
     assert inner.level == logging.WARNING and logging.getLogger('torch').level == logging.WARNING
 
 
+@pytest.mark.unit
 def test_torch_private_names_the_adapter_uses_are_live(monkeypatch):
     from torch import nn
     compat.check_torch_private_names()  # the installed torch has them
@@ -193,6 +206,7 @@ def test_torch_private_names_the_adapter_uses_are_live(monkeypatch):
     assert '\n' not in str(info.value)
 
 
+@pytest.mark.unit
 def test_sample_types_are_one_registry_entry_each(monkeypatch):
     # what the hook, the start checks and evaluation dispatch through: every function a registered sample type
     # names exists, and each family trains only on registered sample types

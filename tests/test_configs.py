@@ -7,6 +7,8 @@ import torch
 import open_clip
 from open_clip_rank.registry import CONFIG_DIR, base_model_name, plugin_config_names
 
+pytestmark = pytest.mark.unit
+
 OFFICIAL_NAMES = sorted(f'{base}-adapter' for base in (
     'RN50', 'RN101', 'ViT-B-32', 'ViT-B-16', 'ViT-B-16-plus', 'ViT-L-14', 'ViT-L-14-336', 'ViT-B-16-SigLIP',
     'convnext_base', 'convnext_base_w_224', 'convnext_base_w_320', 'convnext_large_d', 'convnext_large_d_320'))

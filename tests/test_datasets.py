@@ -11,6 +11,8 @@ from PIL import Image
 from open_clip_rank import prepare_datasets as ds
 from open_clip_rank.data.table import load_rank_table
 
+pytestmark = pytest.mark.unit
+
 
 def _image(path: Path, shade=128):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,14 +380,14 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_official_split_file_parses(tmp_path):
-    """The official HCI split file, if a mirror of the official repository is around (it is not shipped)."""
-    repo = Path('/work/.mirror/uynaes+RankingAwareCLIP/repo')
-    if not repo.is_dir():
-        pytest.skip('no local mirror of the official repository')
-    import subprocess
-    blob = subprocess.run(['git', f'--git-dir={repo}', 'show', 'HEAD:examples/HCI-split.json'],
-                          capture_output=True, check=True).stdout
-    (tmp_path / 'HCI-split.json').write_bytes(blob)
+    """A split file laid out as the official examples/HCI-split.json (written here; the official file is not
+    shipped): one JSON object, ``train_id`` and ``test_id`` lists of ``decade_<file stem>`` ids, no ``val_id``,
+    an HCI-sized 1060 / 265 split."""
+    stems = [f'{decade[:4]}{k:04d}' for decade in ds.HCI_DECADES for k in range(265)]  # 5 * 265 = 1325 images
+    ids = [f'decade_{stem}' for stem in stems]
+    (tmp_path / 'HCI-split.json').write_text(json.dumps({'train_id': ids[::5] + ids[1::5] + ids[2::5] + ids[3::5],
+                                                         'test_id': ids[4::5]}, indent=4))
     mapping = ds.load_split_json(tmp_path / 'HCI-split.json')
     assert Counter(mapping.values()) == {'train': 1060, 'test': 265}
     assert all(i.startswith('decade_') for i in mapping)
+    assert mapping['decade_19300000'] == 'train' and mapping['decade_19300004'] == 'test'

@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
-from conftest import subprocess_env
+import pytest
+
+from helpers import subprocess_env
+
+pytestmark = pytest.mark.e2e
 
 
 def test_demo_learns_to_rank_held_out_images(tmp_path):

@@ -4,12 +4,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 from scipy import stats
 
 from open_clip_rank.data.rank import get_rank_data
 from open_clip_rank.evaluation.validation import evaluate_ranking
-from rank_data_helpers import write_rank_csv
+from helpers import write_rank_csv
+
+pytestmark = pytest.mark.unit
 
 
 class FakeWriter:

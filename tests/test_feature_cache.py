@@ -1,5 +1,6 @@
 """--rank-feature-cache: hit / miss, invalidation, corrupt-cache rebuild, equality with the uncached path, refusals,
 and a training run through OpenCLIP's main (tiny configs, CPU)."""
+from types import SimpleNamespace
 import argparse
 import os
 import re
@@ -11,14 +12,13 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TEST_CONFIG_DIR, call_main, free_port, subprocess_env
-from rank_data_helpers import write_rank_csv
+from helpers import TEST_CONFIG_DIR, call_main, free_port, subprocess_env, write_rank_csv
 from open_clip_rank.data.cached import CachedRankDataset, collate_cached_rank_batch
 from open_clip_rank.data.dataset import RankDataset, collate_rank_batch
 from open_clip_rank.data.table import load_rank_table
 from open_clip_rank.data.transforms import rank_transforms
 from open_clip_rank.data.feature_cache import CachedImages, FeatureCacheError, build_cache, check_cacheable, open_cache
-from open_clip_rank.models.adapter import set_tower_lock_policy
+from open_clip_rank.integration.run_state import end_run, start_run
 from open_clip_rank.models.adapter_options import check_feature_cache_args as validate_feature_cache_args
 
 MODEL = 'tiny-vit-adapter'
@@ -31,12 +31,12 @@ def csv_path(tmp_path_factory):
 
 def _model(seed=0, strict=False, name=MODEL, image_eval=False):
     torch.manual_seed(seed)
-    set_tower_lock_policy(strict, image_eval)
+    start_run(SimpleNamespace(strict_tower_lock=strict, lock_image_eval=image_eval))
     try:
         model, _, preprocess_val = open_clip.create_model_and_transforms(name)
         model.lock_image_tower()
     finally:
-        set_tower_lock_policy(False)
+        end_run()
     return model, preprocess_val
 
 
@@ -67,6 +67,7 @@ class TowerCalls:
         model.visual.register_forward_hook(lambda *_: setattr(self, 'count', self.count + 1))
 
 
+@pytest.mark.unit
 def test_miss_then_hit_second_epoch_skips_the_tower(csv_path, tmp_path):
     model, table, _, _, cache, dataset = _setup(csv_path, tmp_path)
     calls = TowerCalls(model)
@@ -104,6 +105,7 @@ def _forward_backward(model, images, texts):
     return out, grads
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('dtype,tol', [('fp32', 1e-5), ('fp16', 2e-2)])
 def test_outputs_and_gradients_equal_the_uncached_path(csv_path, tmp_path, dtype, tol):
     model, table, transform, tokenizer, cache, dataset = _setup(csv_path, tmp_path, dtype)
@@ -124,6 +126,7 @@ def test_outputs_and_gradients_equal_the_uncached_path(csv_path, tmp_path, dtype
             torch.testing.assert_close(cached_grads[name], grad, atol=exact, rtol=exact)
 
 
+@pytest.mark.unit
 def test_timm_trunk_cached_outputs_equal_the_uncached_path(csv_path, tmp_path):
     # a timm tower (the paper's ConvNeXt family): its un-pooled trunk map is what is cached
     model, table, transform, tokenizer, cache, dataset = _setup(csv_path, tmp_path, 'fp32', name='tiny-convnext-adapter')
@@ -154,6 +157,7 @@ def _config_with_stochastic_depth(tmp_path):
     return 'tiny-convnext-droppath-adapter'
 
 
+@pytest.mark.unit
 def test_stochastic_depth_is_refused_unless_the_locked_tower_runs_in_eval_mode(csv_path, tmp_path):
     name = _config_with_stochastic_depth(tmp_path)
     model, _ = _model(name=name)
@@ -179,6 +183,7 @@ def test_stochastic_depth_is_refused_unless_the_locked_tower_runs_in_eval_mode(c
         torch.testing.assert_close(cached_out['rank_scores'], plain_out['rank_scores'], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_lock_image_eval_flag_refusals():
     from open_clip_rank.models.adapter_options import check_lock_image_eval_args as validate_lock_image_eval_args
     base = dict(lock_image_eval=True, model=MODEL, lock_image=True, lock_image_unlocked_groups=0)
@@ -190,6 +195,7 @@ def test_lock_image_eval_flag_refusals():
             validate_lock_image_eval_args(argparse.Namespace(**{**base, **change}))
 
 
+@pytest.mark.unit
 def test_strict_lock_caches_too(csv_path, tmp_path):
     model, table, _, _, cache, dataset = _setup(csv_path, tmp_path, strict=True)
     assert not model.visual.proj.requires_grad
@@ -208,6 +214,7 @@ RN_ADAPTER = {
 }
 
 
+@pytest.mark.unit
 def test_resnet_caches_the_layer4_map_before_visual_proj(csv_path, tmp_path):
     import json
     folder = tmp_path / 'configs'
@@ -240,6 +247,7 @@ def _key_folder(cache):
     return os.path.dirname(cache.header_path)
 
 
+@pytest.mark.unit
 def test_invalidation_by_config_weights_and_data(tmp_path):
     data = tmp_path / 'data'
     csv = write_rank_csv(str(data), per_count=1)
@@ -275,6 +283,7 @@ def test_invalidation_by_config_weights_and_data(tmp_path):
     assert _key_folder(_setup(csv, cache_dir)[4]) not in (base,)
 
 
+@pytest.mark.unit
 def test_corrupt_entries_are_recomputed_and_corrupt_files_rebuilt(csv_path, tmp_path):
     model, table, _, _, cache, dataset = _setup(csv_path, tmp_path, dtype='fp32')
     keys = [(0, -1), (1, -1), (2, -1)]
@@ -308,6 +317,7 @@ def test_corrupt_entries_are_recomputed_and_corrupt_files_rebuilt(csv_path, tmp_
     assert _setup(csv_path, tmp_path, dtype='fp32')[4].num_complete() == 0
 
 
+@pytest.mark.unit
 def test_refusals(tmp_path):
     base = dict(rank_feature_cache=str(tmp_path), csv_dataset_sample_type='rank', lock_image=True,
                 lock_image_unlocked_groups=0, dataset_type='csv', train_data='x.csv', force_patch_dropout=None)
@@ -335,6 +345,7 @@ def _train(args, cwd, name, launcher=(sys.executable, '-m', 'open_clip_train.mai
     return subprocess.run(cmd, env=env, cwd=str(cwd), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_training_run_with_the_cache(tmp_path):
     train = write_rank_csv(str(tmp_path / 'data'), per_count=2)  # 24 rows
     cache_dir = tmp_path / 'cache'
@@ -361,6 +372,8 @@ def test_training_run_with_the_cache(tmp_path):
     assert not (tmp_path / 'logs' / 'refused').exists()
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 def test_two_process_ddp_with_the_cache(tmp_path):
     train = write_rank_csv(str(tmp_path / 'data'), per_count=2)  # 24 rows
     cache_dir = tmp_path / 'cache'

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import open_clip
-from conftest import run_gloo_worker
+from helpers import run_gloo_worker, write_rank_csv
 from open_clip_rank.data import RankBatchSampler, RankTable
-from open_clip_rank.losses import RankingLoss, create_loss
+from open_clip_rank.losses import create_loss
+from open_clip_rank.losses.ranking import RankingLoss
 from open_clip_rank.data.batches import RankTexts
-from rank_data_helpers import write_rank_csv
 
 WORKER = Path(__file__).resolve().parent / 'global_pairs_worker.py'
 sys.path.insert(0, str(WORKER.parent))
@@ -30,6 +30,7 @@ def _table(sizes):
 
 # --- sampler --------------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_every_rank_gets_the_same_category_per_step_and_disjoint_rows():
     table, world, batch = _table([60, 50, 45, 40]), 4, 6
     plans = [RankBatchSampler(table, batch, 0.25, seed=3, rank=r, world_size=world, global_pairs=True,
@@ -55,6 +56,7 @@ def test_every_rank_gets_the_same_category_per_step_and_disjoint_rows():
                                      relevance_max=5).plan(3)
 
 
+@pytest.mark.unit
 def test_global_plan_with_one_process_is_the_default_plan():
     table = _table([40, 30])
     default = RankBatchSampler(table, 8, 0.25, seed=5).plan(1)
@@ -63,6 +65,7 @@ def test_global_plan_with_one_process_is_the_default_plan():
 
 # --- model outputs and the one-process loss --------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize('head', ['dual', 'single'])
 def test_one_process_global_pairs_equal_the_default_loss(head):
     net = global_pairs_worker.model()
@@ -94,6 +97,8 @@ def results(tmp_path_factory):
     return lambda name: torch.load(out / f'{name}.pt')
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 @pytest.mark.parametrize('case', CASES)
 def test_two_processes_equal_one_process_on_the_concatenated_batch(results, case):
     """Loss: the ranks' mean is the single-process value; gradients after DDP's averaging (gloo, static graph)
@@ -126,6 +131,7 @@ def _parse(csv, *extra):
     return open_clip_train.params.parse_args(argv)
 
 
+@pytest.mark.unit
 def test_flag_builds_a_global_pair_loss(rank_csv):
     args = _parse(rank_csv, '--rank-global-pairs', '--loss-opt', 'dual-head', '--gather-with-grad')
     args.rank, args.world_size = 1, 4
@@ -136,6 +142,7 @@ def test_flag_builds_a_global_pair_loss(rank_csv):
     assert default.rank_global_pairs is False and create_loss(default).global_pairs is False
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('extra, message', [
     (('--accum-freq', '2'), 'accum-freq'),
     (('--csv-dataset-sample-type', 'default', '--loss-opt', 'rankclip'), 'csv-dataset-sample-type rank'),

@@ -3,8 +3,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT, isolated_python as _isolated_python, run as _run, site_packages as _site_packages, \
+import pytest
+
+from helpers import REPO_ROOT, isolated_python as _isolated_python, run as _run, site_packages as _site_packages, \
     subprocess_env
+
+pytestmark = pytest.mark.e2e
+
 
 def test_pth_autoload_registers_on_open_clip_import(target_install):
     code = ("import sys; assert 'torch' not in sys.modules, 'the .pth must not import torch'; "

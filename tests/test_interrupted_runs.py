@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_CONFIG_DIR, subprocess_env
-from rank_data_helpers import write_rank_csv
+from helpers import REPO_ROOT, TEST_CONFIG_DIR, subprocess_env, write_rank_csv
 
 
 @pytest.fixture(scope='module')
@@ -54,6 +53,7 @@ def _interrupt_during_epoch_2_save(cmd, checkpoints: Path):
     return output
 
 
+@pytest.mark.e2e
 def test_sigint_mid_checkpoint_write_then_resume_latest(train_csv, tmp_path):
     logs = tmp_path / 'logs'
     checkpoints = logs / 'run' / 'checkpoints'
@@ -100,6 +100,7 @@ REFUSALS = {
 }
 
 
+@pytest.mark.e2e
 def test_refused_starts_exit_nonzero_and_leave_no_experiment(train_csv, tmp_path, monkeypatch):
     """In-process through OpenCLIP's main (each refusal happens in its parse_args), plus one real process."""
     import open_clip_train.main
@@ -130,6 +131,7 @@ def test_refused_starts_exit_nonzero_and_leave_no_experiment(train_csv, tmp_path
     assert sorted(os.listdir(logs / 'again')) == ['out.log']
 
 
+@pytest.mark.unit
 def test_readme_install_brings_tensorboard():
     """The README advertises tensorboard; its install command (the same line as .ci/run) installs it."""
     readme = (REPO_ROOT / 'README.md').read_text()

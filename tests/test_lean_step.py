@@ -5,6 +5,7 @@ activation in backward; here they are checked against an einsum restatement of t
 they replace (OpenCLIP's ``ResidualAttentionBlock`` and PyTorch's ``nn.TransformerEncoderLayer`` forwards), and
 ``--grad-checkpointing`` against the plain step.
 """
+from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,8 @@ from torch import nn
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 from open_clip_rank.models.adapter_layers import (
     AdapterCfg, FusionBlock, PostFuseLayer, RankAdapter, act_linear, attention_heads)
+
+pytestmark = pytest.mark.unit
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -239,15 +242,15 @@ def _counting_text_encoder(model):
 def test_frozen_text_tower_is_encoded_once_per_caption_while_it_cannot_change():
     import open_clip
     import open_clip_rank  # noqa: F401
-    from open_clip_rank.models.adapter import set_tower_lock_policy
+    from open_clip_rank.integration.run_state import end_run, start_run
     from open_clip_rank.data.batches import RankTexts
     torch.manual_seed(0)
     model = open_clip.create_model('tiny-vit-adapter').train()
-    set_tower_lock_policy(True)  # --strict-tower-lock: the whole text tower frozen
+    start_run(SimpleNamespace(strict_tower_lock=True))  # --strict-tower-lock: the whole text tower frozen
     try:
         model.lock_text_tower()
     finally:
-        set_tower_lock_policy(False)
+        end_run()
     model.adapter.eval()  # no adapter dropout: scores comparable between calls (the text tower stays in train mode)
     calls, encode = _counting_text_encoder(model)
     captions = torch.randint(1, 100, (2, 16))

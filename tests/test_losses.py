@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from open_clip_rank.losses import RankingLoss
+from open_clip_rank.losses.ranking import RankingLoss
+
+pytestmark = pytest.mark.unit
 
 
 def _outputs(n, seed=0, requires_grad=False):

@@ -1,4 +1,5 @@
 """Adapter models built through open_clip.create_model: contract, locking, weights, bad input."""
+from types import SimpleNamespace
 import json
 import logging
 
@@ -9,7 +10,9 @@ import open_clip
 from open_clip import pretrained as oc_pretrained
 from open_clip_rank import CheckpointMismatchError, RankAdapterCLIP, RankAdapterCustomTextCLIP
 from open_clip_rank.integration.hook import register_derived_pretrained
-from conftest import fixture_path
+from helpers import fixture_path
+
+pytestmark = pytest.mark.unit
 
 TINY = ['tiny-vit-adapter', 'tiny-convnext-adapter', 'tiny-customtext-adapter']
 
@@ -59,14 +62,14 @@ OFFICIAL_TRAINABLE = {
 
 
 def _trainable_after_locks(name, strict):
-    from open_clip_rank.models.adapter import set_tower_lock_policy
-    set_tower_lock_policy(strict=strict)
+    from open_clip_rank.integration.run_state import end_run, start_run
+    start_run(SimpleNamespace(strict_tower_lock=strict))  # the run's flags, as --strict-tower-lock
     try:
         model = open_clip.create_model(name)
         model.lock_image_tower()
         model.lock_text_tower(0, False)  # OpenCLIP's CLI passes freeze_layer_norm=False without its flag
     finally:
-        set_tower_lock_policy(strict=False)
+        end_run()
     return model, {n for n, p in model.named_parameters() if p.requires_grad}
 
 

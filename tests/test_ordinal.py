@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import open_clip
-from conftest import fixture_path
+from helpers import fixture_path
 from open_clip_rank.data import RankDataError
-from open_clip_rank.data.ordinal import OrdinalDataset, load_ordinal_table
+from open_clip_rank.data.ordinal_dataset import OrdinalDataset, load_ordinal_table
 from open_clip_rank.losses.ordinal import OrdinalLoss, ordinal_ce_loss, ordinal_kl_loss
 from open_clip_rank.models.ordinal import OrdinalCLIP, OrdinalTargets
 from open_clip_rank.models.ordinal_prompts import OrdinalCfg, interpolation_weights
+
+pytestmark = pytest.mark.unit
 
 TINY = {
     "embed_dim": 32,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_CONFIG_DIR, run_openclip_main, subprocess_env
+from helpers import TEST_CONFIG_DIR, run_openclip_main, subprocess_env
 from open_clip_rank.synthetic.ordinal import make_ordinal_dataset
 
 NUM_RANKS = 6
@@ -46,6 +46,7 @@ def _rank(args):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_ordinal_model_learns_to_rank_held_out_images(ordinal_data, tmp_path):
     """From scratch (tiny ResNet tower, locked random text tower, learned prompts): held-out MAE by expectation
     well below that of always predicting the training median (README: the measured factor)."""
@@ -99,6 +100,7 @@ def test_ordinal_model_learns_to_rank_held_out_images(ordinal_data, tmp_path):
     assert all(0 <= float(r['expected_rank']) <= NUM_RANKS - 1 for r in ranked_rows)
 
 
+@pytest.mark.e2e
 def test_accumulation_bf16_and_resume(small_data, tmp_path):
     common = ['--train-data', small_data['train_list'], '--image-root', small_data['root'], '--val-data',
               small_data['val_csv'], '--accum-freq', '2', '--lock-text', '--save-frequency', '1', '--warmup', '0']
@@ -115,6 +117,8 @@ def test_accumulation_bf16_and_resume(small_data, tmp_path):
     assert [r['epoch'] for r in _results(tmp_path, 'resumed')] == [2]
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 def test_two_process_torchrun(small_data, tmp_path):
     launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'open_clip_train.main')
     result = _train(['--train-data', small_data['train_csv'], '--epochs', '1', '--dist-backend', 'gloo', '--warmup', '0'],
@@ -124,6 +128,7 @@ def test_two_process_torchrun(small_data, tmp_path):
     assert '1 batches of 8 per process' in log  # 24 images / (8 x 2 processes), last partial batch dropped
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('content, message', [
     ('filepath\tvalue\n{image}\t6\n', r"row 2: label 6 is outside \[0, 6\)"),
     ('{image} x\n', r"line 1: label 'x' is not an integer"),
@@ -138,6 +143,7 @@ def test_bad_labels_stop_before_training_with_one_line(small_data, tmp_path, con
     assert 'Start epoch' not in result.stderr
 
 
+@pytest.mark.unit
 def test_ordinal_model_without_ordinal_data_is_a_usage_error(small_data, tmp_path):
     result = _train(['--train-data', small_data['train_csv'], '--csv-dataset-sample-type', 'default', '--epochs', '1'],
                     tmp_path, 'nodata', in_process=True)

@@ -5,7 +5,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from open_clip.transformer import LayerNorm
 from open_clip_rank.models.adapter_layers import RankAwarePairAttention
-from reference_pair_head import quadratic_pair_attention as official_pair_attention
+from open_clip_rank.models.pair_reference import quadratic_pair_attention as official_pair_attention
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize('n,p,d,heads,q', [(5, 7, 32, 4, 3), (12, 16, 64, 8, 4), (1, 3, 16, 2, 2)])

@@ -12,8 +12,7 @@ import open_clip
 from open_clip_rank.pictures.contact_sheet import sheet_size
 from open_clip_rank.inference import load_rank_model, pairwise_scores, rank_images
 from open_clip_rank.synthetic.counting import make_counting_dataset
-from conftest import TEST_CONFIG_DIR, call_main, subprocess_env
-from rank_data_helpers import make_unreadable_image
+from helpers import TEST_CONFIG_DIR, call_main, make_unreadable_image, subprocess_env
 
 MODEL = 'tiny-vit-adapter'
 
@@ -50,6 +49,7 @@ def _direct_scores(dataset, images, prompt):
         return model(batch, tokenizer([prompt] * len(images)))['rank_scores']
 
 
+@pytest.mark.e2e
 def test_folder_cli_outputs_match_direct_model_calls(dataset, tmp_path):
     out = tmp_path / 'ranked'
     sheet = tmp_path / 'sheet.png'
@@ -88,6 +88,7 @@ def test_folder_cli_outputs_match_direct_model_calls(dataset, tmp_path):
         assert image.size == sheet_size([len(good), len(good)])  # the skipped image is not drawn
 
 
+@pytest.mark.e2e
 def test_csv_cli_with_official_flags_writes_metrics(dataset, tmp_path):
     out = tmp_path / 'stats'
     lines = open(dataset['val_csv']).read().splitlines()
@@ -97,7 +98,7 @@ def test_csv_cli_with_official_flags_writes_metrics(dataset, tmp_path):
     cmd = [sys.executable, 'scripts/inference.py', '--config-path', str(dataset['config']),
            '--data-to-inference', str(csv_path), '--checkpoint-path', str(dataset['checkpoint']),
            '--output-path', str(out), '--is-ordinal-regression', '--pairwise']
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.with_suffix('.json').read_text())
@@ -118,6 +119,7 @@ def test_csv_cli_with_official_flags_writes_metrics(dataset, tmp_path):
     assert 'srcc' in tables[1] and 'pair_acc' in tables[1] and 'mae' not in tables[1] and 'plcc' not in tables[1]
 
 
+@pytest.mark.unit
 def test_python_api_and_pairwise(dataset):
     model, transform, tokenizer = load_rank_model(MODEL, checkpoint_path=str(dataset['checkpoint']), device='cpu')
     images = sorted(str(p) for p in dataset['folder'].glob('img*.png'))
@@ -136,6 +138,7 @@ def test_python_api_and_pairwise(dataset):
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_bad_inputs_are_clear(dataset, tmp_path):
     from open_clip_rank.rank import main
     base = ['--images', dataset['folder'], '--prompt', 'x', '--output-path', tmp_path / 'o']
@@ -149,6 +152,7 @@ def test_bad_inputs_are_clear(dataset, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.unit
 def test_empty_prompt_is_refused(dataset, tmp_path, capsys):
     from open_clip_rank.rank import main
     for prompt in ('', '   '):
@@ -158,6 +162,7 @@ def test_empty_prompt_is_refused(dataset, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.unit
 def test_contact_sheet_labels_show_targets_and_titles_keep_spaces(dataset, tmp_path):
     from PIL import ImageDraw, ImageFont
     from open_clip_rank.pictures import contact_sheet
@@ -176,6 +181,7 @@ def test_contact_sheet_labels_show_targets_and_titles_keep_spaces(dataset, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ['sheet.png']  # written atomically: no temporary left
 
 
+@pytest.mark.e2e
 def test_ranking_imports_no_training_module(dataset, tmp_path):
     """Inference and the rank CLI need OpenCLIP, never its training package (open_clip_train)."""
     code = (

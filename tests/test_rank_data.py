@@ -12,7 +12,9 @@ from open_clip_rank.data import (RankBatchSampler, RankDataError, RankDataset, R
                                  load_rank_table)
 from open_clip_rank.data.rank import get_rank_data
 from open_clip_rank.data.batches import RankTexts
-from rank_data_helpers import write_rank_csv
+from helpers import write_rank_csv
+
+pytestmark = pytest.mark.unit
 
 
 def _table(sizes, weights=None):

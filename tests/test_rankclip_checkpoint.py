@@ -6,6 +6,8 @@ import open_clip
 from open_clip.model import build_model_from_openai_state_dict
 from open_clip.transformer import QuickGELU
 
+pytestmark = pytest.mark.unit
+
 EMBED, WIDTH, PATCH, IMAGE, CONTEXT, VOCAB = 32, 64, 8, 32, 16, 49408
 
 

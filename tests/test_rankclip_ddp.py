@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_gloo_worker
+from helpers import run_gloo_worker
 from rankclip_ddp_worker import MODES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 WORKER = Path(__file__).resolve().parent / 'rankclip_ddp_worker.py'
 

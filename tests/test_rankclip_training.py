@@ -3,9 +3,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import open_clip
 from open_clip_rank.synthetic.captions import make_caption_dataset, zero_shot_accuracy
-from conftest import TEST_CONFIG_DIR, subprocess_env
+from helpers import TEST_CONFIG_DIR, subprocess_env
+
+pytestmark = pytest.mark.e2e
 
 EPOCHS = 10
 

@@ -7,10 +7,14 @@ from collections import Counter, defaultdict, deque
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage  # the `test` extra
 
+from open_clip_rank.data import load_rank_table
 from open_clip_rank.synthetic.counting import (
     COLUMNS, SHAPES, draw_counting_image, image_rng, make_counting_dataset)
-from rank_data_helpers import make_unreadable_image
+from helpers import make_unreadable_image
+
+pytestmark = pytest.mark.unit
 
 SMALL = dict(max_count=4, train_per_count=3, val_per_count=2, image_size=48)
 
@@ -43,10 +47,6 @@ def flood_fill_count(mask):
 
 
 def count_components(mask):
-    try:
-        from scipy import ndimage
-    except ImportError:
-        return flood_fill_count(mask)
     return int(ndimage.label(mask, structure=np.ones((3, 3)))[1])
 
 
@@ -119,8 +119,7 @@ def test_filepaths_exist_and_open_as_rgb(small):
 
 
 def test_project_loader_accepts_the_csv(small):
-    data = pytest.importorskip('open_clip_rank.data')
-    table = data.load_rank_table(small['train_csv'], check_category_in_caption=True)
+    table = load_rank_table(small['train_csv'], check_category_in_caption=True)
     assert len(table) == small['num_train']
     assert table.category_names == sorted(SHAPES)
     assert table.weights is not None and set(table.values.tolist()) == set(range(SMALL['max_count'] + 1))
@@ -172,7 +171,6 @@ def test_draw_counting_image_crowded_falls_back_and_stays_exact():
 
 
 def test_flood_fill_agrees_with_scipy(dataset):
-    ndimage = pytest.importorskip('scipy.ndimage')
     for info in dataset['metadata'][::97]:
         with Image.open(info['filepath']) as image:
             mask = color_mask(image, info['shape_color'])

@@ -1,8 +1,12 @@
 """``training`` (the original fork's source-checkout name) is an alias of the installed ``open_clip_train``."""
 import sys
 
-from conftest import TEST_CONFIG_DIR, free_port, isolated_python as _isolated_python, run as _run, subprocess_env
-from rank_data_helpers import write_rank_csv
+import pytest
+
+from helpers import TEST_CONFIG_DIR, free_port, isolated_python as _isolated_python, run as _run, subprocess_env, \
+    write_rank_csv
+
+pytestmark = pytest.mark.e2e
 
 
 def test_alias_modules_are_the_real_ones(target_install):

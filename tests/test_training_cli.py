@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_openclip_main
-from rank_data_helpers import write_rank_csv
+from helpers import run_openclip_main, write_rank_csv
 
 
 @pytest.fixture(scope='module')
@@ -32,6 +31,7 @@ def _results(logs, name):
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.e2e
 def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
     train, val = rank_csvs
     common = ['--train-data', train, '--val-data', val, '--epochs', '2', '--accum-freq', '2',
@@ -66,6 +66,8 @@ def test_train_with_accumulation_evaluate_and_resume(rank_csvs, tmp_path):
     assert [r['epoch'] for r in _results(tmp_path, 'resumed')] == [2]
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 def test_two_process_torchrun(rank_csvs, tmp_path):
     train, val = rank_csvs
     launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
@@ -82,6 +84,7 @@ def test_two_process_torchrun(rank_csvs, tmp_path):
     assert (tmp_path / 'logs' / 'ddp' / 'checkpoints' / 'epoch_1.pt').is_file()
 
 
+@pytest.mark.unit
 def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
     train, _ = rank_csvs
     bad = tmp_path / 'bad.csv'
@@ -93,6 +96,7 @@ def test_bad_data_fails_before_training_with_one_line(tmp_path, rank_csvs):
     assert 'Start epoch' not in result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_negative_ratio_out_of_range_is_a_usage_error(tmp_path, rank_csvs):
     result = _train(['--train-data', rank_csvs[0], '--negative-ratio', '1.5'], tmp_path, 'ratio', in_process=True)
     assert result.returncode == 2
@@ -110,6 +114,7 @@ open_clip.OPENAI_IMAGENET_TEMPLATES = open_clip.OPENAI_IMAGENET_TEMPLATES[:2]
 """
 
 
+@pytest.mark.e2e
 def test_zero_shot_imagenet_eval_on_a_rank_models_towers(rank_csvs, tmp_path, monkeypatch):
     """--imagenet-val during rank training: OpenCLIP's zero-shot runs on the towers (model(image=x))."""
     from PIL import Image
@@ -142,6 +147,7 @@ SEED_COMMAND = ('--dataset-type csv --csv-dataset-sample-type rank --negative-ra
                 '--loss-opt dual-head --loss-components regression rank')
 
 
+@pytest.mark.unit
 def test_seed_training_command_parses_as_the_original(rank_csvs):
     """The README's copy of the original command (its --batch-size 5e-5 typo read as --lr) parses as intended."""
     import open_clip_train.params

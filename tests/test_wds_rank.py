@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEST_CONFIG_DIR, call_main, run_openclip_main, subprocess_env
-from rank_data_helpers import make_unreadable_image, write_rank_csv
+from helpers import TEST_CONFIG_DIR, call_main, make_unreadable_image, run_openclip_main, subprocess_env, write_rank_csv
 
 
 def _make_shards(args):
@@ -32,6 +31,7 @@ def rank_shards(tmp_path_factory):
     return out
 
 
+@pytest.mark.unit
 def test_make_shards_round_trip(rank_shards, tmp_path):
     import webdataset as wds
     from open_clip_rank.data import load_rank_table
@@ -53,6 +53,7 @@ def test_make_shards_round_trip(rank_shards, tmp_path):
     assert get_dataset_size(rank_shards['train'])[0] == 48  # OpenCLIP reads our sizes.json
 
 
+@pytest.mark.unit
 def test_make_shards_refuses_bad_rows_like_the_csv_path(rank_shards, tmp_path):
     bad = tmp_path / 'bad.csv'
     lines = Path(rank_shards['train_csv']).read_text().splitlines()
@@ -64,6 +65,7 @@ def test_make_shards_refuses_bad_rows_like_the_csv_path(rank_shards, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.unit
 def test_make_shards_checks_captions_and_skips_unreadable_images(rank_shards, tmp_path, caplog):
     lines = Path(rank_shards['train_csv']).read_text().splitlines()
     # negatives re-word the caption's category: a caption without it is refused, as the CSV path does
@@ -106,6 +108,7 @@ def _stream(url, shared_epoch=None, batch_size=8, ratio=0.25, seed=0, rank=0):
     return batches
 
 
+@pytest.mark.unit
 def test_bucketing_one_category_per_batch_negatives_from_others(rank_shards):
     from open_clip_rank.data.rank_shards import category_id as _category_id
     from open_clip_rank.data.sampler import FixedEpoch
@@ -133,6 +136,7 @@ def test_bucketing_one_category_per_batch_negatives_from_others(rank_shards):
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(batches, rank_1))  # other negatives / order
 
 
+@pytest.mark.unit
 def test_every_sample_reaches_a_batch_as_positive(tmp_path):
     """Positives are each sample exactly once per pass over a finite stream (no weights)."""
     from open_clip_rank.data.rank_shards import RankBuckets
@@ -149,6 +153,7 @@ def test_every_sample_reaches_a_batch_as_positive(tmp_path):
         assert all(samples[i]['category'] != category for i in negatives)
 
 
+@pytest.mark.unit
 def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
     from open_clip_rank.data.rank_shards import decode_rank_samples
     from open_clip_rank.data.shards import SkipCounter as _Counter
@@ -184,6 +189,7 @@ def _results(logs, name):
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.e2e
 def test_training_from_shards_reports_rank_metrics(rank_shards, tmp_path):
     result = _train(['--train-data', rank_shards['train'], '--val-data', rank_shards['val'], '--epochs', '2',
                      '--loss-opt', 'dual-head', '--loss-components', 'regression', 'rank', '--negative-ratio', '0.25',
@@ -199,6 +205,7 @@ def test_training_from_shards_reports_rank_metrics(rank_shards, tmp_path):
     assert results[-1]['num_samples'] == 12
 
 
+@pytest.mark.e2e
 def test_ordinal_training_from_shards(tmp_path):
     from open_clip_rank.synthetic.ordinal import make_ordinal_dataset
     data = make_ordinal_dataset(tmp_path / 'ord', num_ranks=6, train_per_rank=4, val_per_rank=1, image_size=32, seed=1)
@@ -216,6 +223,7 @@ def test_ordinal_training_from_shards(tmp_path):
     assert 'mae_exp' in _results(tmp_path, 'ord')[-1]
 
 
+@pytest.mark.unit
 def test_bad_shard_data_is_one_error_before_training(rank_shards, tmp_path):
     result = _train(['--train-data', str(tmp_path / 'missing' / '{000000..000003}.tar'), '--epochs', '1'],
                     tmp_path, 'missing', in_process=True)
@@ -236,6 +244,8 @@ def test_bad_shard_data_is_one_error_before_training(rank_shards, tmp_path):
     assert result.returncode == 2 and "lacks ['value', 'category']" in result.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 def test_two_process_torchrun_from_shards(rank_shards, tmp_path):
     """Shards split by node and worker (not resampled); both processes run the same number of steps."""
     launcher_cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
@@ -253,6 +263,7 @@ def test_two_process_torchrun_from_shards(rank_shards, tmp_path):
     assert len(results) == 1 and results[0]['num_samples'] == 12 and 'srcc' in results[0]
 
 
+@pytest.mark.e2e
 def test_learns_from_shards_as_from_the_csv(tmp_path):
     """Trained from shards, held-out SRCC comes near the CSV path's on the same data and flags.
 

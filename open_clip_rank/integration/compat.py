@@ -4,8 +4,10 @@ OpenCLIP has no plugin API, so the plugin relies on a handful of *patch points*:
 replaces, private names it reads, the shape of ``open_clip_train.main``. Each is declared here with a
 check. When OpenCLIP moves one (its main branch already routes ``main.py`` through ``create_task``),
 the plugin fails as the module is imported, with one line naming the missing point and the supported
-OpenCLIP range, instead of silently doing nothing. ``hook.py`` applies the patches; nothing else in
-the package touches OpenCLIP's private names.
+OpenCLIP range, instead of silently doing nothing. ``hook.py`` decides what is patched and when; the few
+patches that must reach into a private name themselves (``torch.save`` routing, CPU DDP device ids, the
+NumPy-2.4-safe zero-shot accuracy, output dicts as pytree nodes) are functions here that ``hook.py`` and the
+models call. Nothing else in the package touches OpenCLIP's private names.
 """
 import functools
 import importlib.util
@@ -42,7 +44,7 @@ NAMES_MAIN_MUST_CALL = ('parse_args', 'get_data', 'create_loss', 'evaluate', 'tr
                         'save')  # torch.save of checkpoints (made atomic by the torch.save patch below)
 
 
-# open_clip_train.data building blocks the plugin's data paths reuse (rank/ordinal loaders and shard streaming).
+# open_clip_train.data building blocks the plugin's data paths reuse (the sample types' loaders, shard streaming).
 OPENCLIP_DATA_NAMES = ('DataInfo', 'SharedEpoch', 'expand_urls', 'get_dataset_size', 'ResampledShards2',
                        'detshuffle2', 'tarfile_to_samples_nothrow')
 
@@ -51,7 +53,8 @@ class PatchPointMissing(ImportError):
     """OpenCLIP no longer has something the plugin patches: this OpenCLIP version is unsupported."""
 
 
-def missing(point: str, version: str) -> PatchPointMissing:
+def patch_point_missing(point: str, version: str) -> PatchPointMissing:
+    """The error (raised by the caller) for a patch point this OpenCLIP version lacks."""
     return PatchPointMissing(
         f"open_clip_rank: OpenCLIP {version} has no patch point {point}; open_clip_rank supports "
         f"open_clip_torch{SUPPORTED_OPENCLIP}: install a supported version (pip install 'open_clip_torch{SUPPORTED_OPENCLIP}').")
@@ -94,7 +97,7 @@ def openclip_data(*names):
     from open_clip_train import data
     for name in OPENCLIP_DATA_NAMES:
         if not hasattr(data, name):
-            raise missing(f'open_clip_train.data.{name}', open_clip.__version__)
+            raise patch_point_missing(f'open_clip_train.data.{name}', open_clip.__version__)
     unknown = [n for n in names if n not in OPENCLIP_DATA_NAMES]
     if unknown:
         raise ValueError(f"{unknown} are not declared in compat.OPENCLIP_DATA_NAMES.")
@@ -133,13 +136,13 @@ def check_factory(open_clip) -> None:
     for name in (*FACTORY_NAMES_USED_BY_CREATE_MODEL, 'create_loss', 'create_model', 'parse_model_name',
                  '_get_hf_config'):
         if not hasattr(factory, name):
-            raise missing(f"open_clip.factory.{name}", version)
+            raise patch_point_missing(f"open_clip.factory.{name}", version)
     used = _names_referenced(factory.create_model.__code__)
     for name in FACTORY_NAMES_USED_BY_CREATE_MODEL:
         if name not in used:
-            raise missing(f"open_clip.factory.create_model -> {name} (create_model no longer uses it)", version)
+            raise patch_point_missing(f"open_clip.factory.create_model -> {name} (create_model no longer uses it)", version)
     if not isinstance(getattr(pretrained, '_PRETRAINED', None), dict):
-        raise missing("open_clip.pretrained._PRETRAINED", version)
+        raise patch_point_missing("open_clip.pretrained._PRETRAINED", version)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,11 +151,11 @@ def check_training_package(package: str, version: str) -> None:
     spec = importlib.util.find_spec(f'{package}.main')
     code = spec.loader.get_code(spec.name) if spec is not None and spec.loader is not None else None
     if code is None:
-        raise missing(f"{package}.main", version)
+        raise patch_point_missing(f"{package}.main", version)
     used = _names_referenced(code)
     for name in NAMES_MAIN_MUST_CALL:
         if name not in used:
-            raise missing(f"{package}.main -> {name} (main no longer calls it)", version)
+            raise patch_point_missing(f"{package}.main -> {name} (main no longer calls it)", version)
 
 
 def training_patch_point(module, version: str):
@@ -160,7 +163,7 @@ def training_patch_point(module, version: str):
     short = module.__name__.rsplit('.', 1)[-1]
     name = TRAINING_PATCH_POINTS[short]
     if not callable(getattr(module, name, None)):
-        raise missing(f"{module.__name__}.{name}", version)
+        raise patch_point_missing(f"{module.__name__}.{name}", version)
     return name
 
 
@@ -168,7 +171,7 @@ def epoch_patch_point(module, version: str) -> str:
     """The name of the training loop function in ``<package>.train``, or PatchPointMissing."""
     name = EPOCH_PATCH_POINT[1]
     if not callable(getattr(module, name, None)):
-        raise missing(f"{module.__name__}.{name}", version)
+        raise patch_point_missing(f"{module.__name__}.{name}", version)
     return name
 
 
@@ -303,7 +306,7 @@ def register_output_type(cls) -> None:
     """
     from torch.utils import _pytree
     if not hasattr(_pytree, 'register_pytree_node'):
-        raise missing('torch.utils._pytree.register_pytree_node', 'with this torch')
+        raise patch_point_missing('torch.utils._pytree.register_pytree_node', 'with this torch')
 
     def flatten(out):
         return list(out.values()), list(out.keys())

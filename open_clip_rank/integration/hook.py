@@ -2,8 +2,8 @@
 
 ``register()`` is idempotent. Each patched function handles what the plugin owns and hands
 everything else to OpenCLIP's original unchanged, so plain OpenCLIP models behave exactly as before.
-*What* the plugin owns is decided elsewhere: model families and configs in ``registry.py``, losses in
-``losses/``, data in ``data/``, flags in ``params.py``. Every patch point is checked in ``compat.py``,
+*What* the plugin owns is decided elsewhere: families, losses and sample types in ``registry.py`` (which this
+module asks, never naming one), flags in ``flags.py``. Every patch point is checked in ``compat.py``,
 which fails loudly when OpenCLIP has moved one.
 
 Patched:
@@ -19,8 +19,9 @@ Patched:
   (torch's internal loggers stay at WARNING), ``pt_load`` (``--resume latest`` skips unreadable
   checkpoints), and ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in
   ``compat``);
-* ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``preflight``) and makes
-  the run's checkpoint writes atomic (``torch.save`` into its checkpoint folder, ``checkpoint_files``).
+* ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``start_checks``), starts the
+  run (``run_state``) and makes the run's checkpoint writes atomic (``torch.save`` into its checkpoint folder,
+  ``files/atomic.py``).
 """
 import copy
 import logging
@@ -159,8 +160,8 @@ def _patch_train_one_epoch(module):
 
 
 def _train_one_epoch(original):
-    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``; after it,
-    ``--rank-feature-cache`` logs the epoch's cache use."""
+    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``; after it, the
+    registered ``after_epoch`` hooks run (e.g. the adapter's feature cache logs the epoch's use)."""
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         start_epoch = getattr(loss, 'start_epoch', None)
         if callable(start_epoch):
@@ -168,9 +169,8 @@ def _train_one_epoch(original):
             start_epoch(epoch, args, tb_writer=tb_writer, step=steps * epoch)
         result = original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                           tb_writer=tb_writer)
-        if getattr(args, 'rank_feature_cache', None):
-            from ..data.feature_cache import log_epoch_usage
-            log_epoch_usage(epoch)
+        for hook in registry.all_hooks('after_epoch'):
+            registry.import_function(hook)(args, epoch)
         return result
 
     return train_one_epoch

@@ -85,3 +85,10 @@ def check_adapter_start(args, model_cfg):
         raise ValueError(f"{flag} needs the pair head, and model {args.model} (adapter_attention_pooler="
                          f"{pooler!r}) has none (the original gives it one feature per image, not pairs): train "
                          f"it with --loss-opt single-head.")
+
+
+def report_feature_cache_use(args, epoch):
+    """``--rank-feature-cache``: the epoch's cache hits and misses, in the log."""
+    if getattr(args, 'rank_feature_cache', None):
+        from ..data.feature_cache import log_epoch_usage
+        log_epoch_usage(epoch)
