@@ -79,6 +79,10 @@ FAMILIES = (
         clip_class='RankAdapterCLIP', custom_text_class='RankAdapterCustomTextCLIP',
         default_loss='single-head',  # as the original training code
         sample_types=('rank',),
+        base_aliases={
+            'convnext_base_w_224': 'convnext_base_w',  # same towers as convnext_base_w, 224 px
+            'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
+        },
         add_args='open_clip_rank.models.adapter_options:add_adapter_args',
         check_args='open_clip_rank.models.adapter_options:check_adapter_args',
         start_check='open_clip_rank.models.adapter_options:check_adapter_start',
@@ -89,6 +93,7 @@ FAMILIES = (
         clip_class='OrdinalCLIP', custom_text_class='OrdinalCustomTextCLIP',
         default_loss='ordinal',  # CE + KL, as the official runner
         sample_types=('ordinal',), square_resize=False,
+        base_aliases={'vgg16-RN50': 'RN50'},  # the MORPH setup: CLIP RN50's text tower (the image tower from timm)
         num_ranks='open_clip_rank.models.ordinal_prompts:num_ranks_of_config',
     ),
 )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 from . import builtin
-from .specs import BASE_MODEL_ALIASES, Hook, RankFamily, RankLoss, SampleType, import_function  # noqa: F401
+from .specs import Hook, RankFamily, RankLoss, SampleType, import_function  # noqa: F401
 
 _logger = logging.getLogger(__name__)
 

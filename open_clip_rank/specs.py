@@ -62,14 +62,6 @@ class RankLoss:
         return import_function(self.builder)(args)
 
 
-# Derived configs whose base is not simply the name without the suffix.
-BASE_MODEL_ALIASES = {
-    'convnext_base_w_224': 'convnext_base_w',  # same towers as convnext_base_w, 224 px
-    'ViT-B-16-plus': 'ViT-B-16-plus-240',  # ViT-B-16-plus has no weights; -240 does (pos-embed is resized)
-    'vgg16-RN50': 'RN50',  # OrdinalCLIP's MORPH setup: CLIP RN50's text tower (the image tower comes from timm)
-}
-
-
 @dataclass(frozen=True)
 class RankFamily:
     """A model family: the config key that selects it and the model classes it builds."""
@@ -83,7 +75,8 @@ class RankFamily:
     sample_types: Tuple[str, ...]  # --csv-dataset-sample-type values this family trains on (the first: the CLI's)
     # images resized to the square input without cropping (the adapter's data), else OpenCLIP's preprocessing
     square_resize: bool = True
-    base_aliases: Mapping[str, str] = field(default_factory=lambda: BASE_MODEL_ALIASES)
+    # derived names whose base is not simply the name without the suffix: {'<base>': '<OpenCLIP model>'}
+    base_aliases: Mapping[str, str] = field(default_factory=dict)
     add_args: Hook = None  # (parser) -> None: training flags of this family
     check_args: Hook = None  # (args) -> None: refuses bad flag combinations (ValueError)
     configure: Hook = None  # (args) -> None: the run policy this family's models read (set once, after checks)
