@@ -10,6 +10,7 @@ and prints as its last line the brace-expanded URL for ``--train-data`` and the 
 """
 import argparse
 import io
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 
 from . import registry
 from .data.table import RankDataError
-from .files.atomic import atomic_write, temporary_name
+from .files.atomic import atomic_path, atomic_write
 from .files.images import SHARD_IMAGE_KEYS
 
 _logger = logging.getLogger(__name__)
@@ -76,52 +77,44 @@ def _add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
+def _readable_samples(records, bar, skipped):
+    """(extension, bytes, json) per record whose image reads; an unreadable one is left out, warned and counted
+    (``skipped[0]``)."""
+    for path, meta in records:
+        bar.update(1)
+        try:
+            ext, data = _image(path)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            skipped[0] += 1
+            _logger.warning(f"skipped unreadable image {path} ({type(err).__name__}: {err}); "
+                            f"{skipped[0]} skipped so far")
+            continue
+        yield ext, data, meta
+
+
 def write_shards(records, out, shard_size, total=None, progress=True):
-    """Write shards atomically (temporary name, then rename); returns {shard name: sample count}.
+    """Write shards atomically (each through ``files/atomic.py``); returns {shard name: sample count}.
 
     An image that cannot be re-encoded (a format kept as bytes is checked when training reads it) is left
     out with a warning and counted, as training skips and counts unreadable images."""
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
-    sizes, tar, tmp, name = {}, None, None, None
-    written, skipped = 0, 0
-    bar = tqdm(total=total, unit='img', desc='make_shards', disable=not progress, file=sys.stderr)
-    try:
-        for path, meta in records:
-            bar.update(1)
-            try:
-                ext, data = _image(path)
-            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-                skipped += 1
-                _logger.warning(f"skipped unreadable image {path} ({type(err).__name__}: {err}); "
-                                f"{skipped} skipped so far")
-                continue
-            if written % shard_size == 0:
-                if tar is not None:
-                    tar.close()
-                    os.replace(tmp, os.path.join(out, name))
-                name = f"{written // shard_size:06d}.tar"
-                tmp = temporary_name(os.path.join(out, name))
-                tar = tarfile.open(tmp, 'w')
-                sizes[name] = 0
-            key = f"{written:09d}"
-            _add(tar, f"{key}.{ext}", data)
-            _add(tar, f"{key}.json", json.dumps(meta).encode())
-            sizes[name] += 1
-            written += 1
-        if tar is not None:
-            tar.close()
-            os.replace(tmp, os.path.join(out, name))
-            tar = None
-    finally:
-        bar.close()
-        if tar is not None:  # interrupted: leave no partial shard behind
-            tar.close()
-            os.remove(tmp)
-    if skipped:
-        _logger.warning(f"{skipped} unreadable image(s) left out of the shards")
+    sizes, skipped, written = {}, [0], 0
+    with tqdm(total=total, unit='img', desc='make_shards', disable=not progress, file=sys.stderr) as bar:
+        samples = _readable_samples(records, bar, skipped)
+        for first in samples:  # a shard holds the next shard_size readable samples
+            name = f"{written // shard_size:06d}.tar"
+            with atomic_path(os.path.join(out, name)) as tmp, tarfile.open(tmp, 'w') as tar:
+                for ext, data, meta in itertools.chain([first], itertools.islice(samples, shard_size - 1)):
+                    key = f"{written:09d}"
+                    _add(tar, f"{key}.{ext}", data)
+                    _add(tar, f"{key}.json", json.dumps(meta).encode())
+                    written += 1
+            sizes[name] = written - sum(sizes.values())
+    if skipped[0]:
+        _logger.warning(f"{skipped[0]} unreadable image(s) left out of the shards")
     if not sizes:
-        raise RankDataError(f"no readable image among {skipped} row(s): nothing to write to {out}.")
+        raise RankDataError(f"no readable image among {skipped[0]} row(s): nothing to write to {out}.")
     with atomic_write(os.path.join(out, 'sizes.json')) as f:
         json.dump(sizes, f, indent=1)
     return sizes

@@ -1,5 +1,6 @@
 """Rank and ordinal data streamed from webdataset shards, and the make_shards converter."""
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -283,3 +284,23 @@ def test_learns_from_shards_as_from_the_csv(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     srcc = _results(tmp_path, 'webdataset')[-1]['srcc']
     assert srcc >= 0.9, srcc
+
+
+@pytest.mark.unit
+def test_interrupted_make_shards_leaves_complete_shards_only(tmp_path):
+    """A run stopped mid-shard keeps the shards it finished and no partial or temporary file (files/atomic.py)."""
+    from PIL import Image
+    from open_clip_rank.make_shards import write_shards
+    image = tmp_path / 'a.png'
+    Image.new('RGB', (8, 8)).save(image)
+
+    def records():
+        for i in range(5):  # shards 000000 and 000001 complete; 000002 is cut after its first sample
+            yield str(image), {'value': float(i)}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(records(), tmp_path / 'out', shard_size=2, progress=False)
+    assert sorted(os.listdir(tmp_path / 'out')) == ['000000.tar', '000001.tar']
+    with tarfile.open(tmp_path / 'out' / '000001.tar') as tar:
+        assert len([m for m in tar if m.name.endswith('.json')]) == 2
