@@ -391,6 +391,7 @@ def inference_table(args):
 def main(argv=None):
     args = parse_args(argv)
     import torch
+    import open_clip_rank  # noqa: F401  (registers the plugin where no .pth file is processed)
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if args._one:
         impl, n = args._one.split(':')

@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument('--strict-tower-lock', action='store_true',
                    help='freeze the towers entirely (the flag of the same name) instead of the original trainable set')
     p.add_argument('--dtype', default='fp16', choices=('fp16', 'bf16', 'fp32'), help='cache storage type')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (the model and every batch on it)')
     return p.parse_args(argv)
 
 
@@ -79,7 +80,9 @@ def main(argv=None):
     torch.manual_seed(0)
     root = tempfile.mkdtemp(prefix='featcache-bench-')
     table = load_rank_table(write_data(root, args.images))
-    model, _, preprocess_val = open_clip.create_model_and_transforms(args.model)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    model, _, preprocess_val = open_clip.create_model_and_transforms(args.model, device=device)
     start_run(SimpleNamespace(strict_tower_lock=args.strict_tower_lock, lock_image_eval=True))
     model.lock_image_tower()
     model.lock_text_tower()
@@ -95,11 +98,12 @@ def main(argv=None):
     def epoch(loader):
         start = time.perf_counter()
         for images, texts in loader:
-            out = model(images, texts)
+            out = model(images.to(device), texts.to(device))
             losses = loss_fn(**out, output_dict=True)
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
+        sync()
         return time.perf_counter() - start
 
     # the single-head loss needs no pair head (as the training loader: with_pairs=False)
@@ -116,18 +120,20 @@ def main(argv=None):
 
     def tower_forward_epoch():
         # the part the cache removes: the frozen tower's forward over the same batches (pixels loaded beforehand)
-        batches = [images for images, _ in towers]
+        batches = [images.to(device) for images, _ in towers]
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
             for images in batches:
                 model.image_tower_features(images)
+        sync()
         return time.perf_counter() - start
 
     epoch(towers)  # warm-up
     fill = epoch(cached)
     with torch.no_grad():  # cache the rows the first epoch did not draw
         for images, _ in every_row:
-            model.encode_image_tokens(images)
+            model.encode_image_tokens(images.to(device))
     cache.hits = cache.misses = 0
     tower_times, cache_times = [], []
     for _ in range(args.epochs):  # interleaved, so load from other processes hits every mode alike
@@ -140,8 +146,9 @@ def main(argv=None):
     t_towers, t_cache = statistics.median(tower_times), statistics.median(cache_times)
     image_size = getattr(model.visual, 'image_size', '?')
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    print(f"\n{args.model} (random weights, {image_size} px), {args.images} images, {steps} steps of {args.batch_size}, CPU, "
-          f"{args.threads} threads, torch {torch.__version__}, "
+    where = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {args.threads} threads'
+    print(f"\n{args.model} (random weights, {image_size} px), {args.images} images, {steps} steps of {args.batch_size}, "
+          f"{where}, torch {torch.__version__}, "
           f"{'--strict-tower-lock' if args.strict_tower_lock else 'the original trainable set'}, cache {args.dtype} "
           f"({os.path.getsize(cache.tokens_path) / 2 ** 20:.1f} MiB)\n")
     print(f"| {'mode':<12} | {'epoch s':>8} | {'epochs/s':>8} | {'speed-up':>8} |")

@@ -49,6 +49,37 @@ def ramp_weight(epoch: int, epochs: int, peak: float = DEFAULT_RAMP_PEAK, ramp_e
     return float(peak) * min(1.0, max(0.0, progress))
 
 
+class _Gram(torch.autograd.Function):
+    """``x @ x.T``: its gradient ``(G + G.T) @ x`` is one matrix product where autograd's is two (one per use of
+    ``x``). Under autocast, computed in the autocast dtype as the matrix product would be."""
+
+    @staticmethod
+    def forward(ctx, x):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device_type=device, enabled=False):
+            ctx.save_for_backward(x)
+            return x @ x.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            symmetric = grad.T.clone(memory_format=torch.contiguous_format).to(x.dtype)  # a blocked transposing copy ...
+            symmetric += grad  # ... then a plain add: several times faster than grad + grad.T on large matrices
+            return symmetric @ x
+
+
+def similarities(rows: torch.Tensor, columns: torch.Tensor, logit_scale) -> torch.Tensor:
+    """``logit_scale * rows @ columns.T``. The symmetric in-modal case (the same tensor: global lists) is the Gram
+    matrix of ``sqrt(logit_scale) * rows`` through ``_Gram``: the scale is applied to the [B, D] features, not to the
+    [B, B] product, and the backward is one matrix product."""
+    if rows is columns:
+        return _Gram.apply(rows * logit_scale.sqrt() if torch.is_tensor(logit_scale) else rows * logit_scale ** 0.5)
+    return logit_scale * rows @ columns.T
+
+
 class RankCLIPLoss(nn.Module):
     """RankCLIP's loss on OpenCLIP model outputs, called as ``loss(**model_out, output_dict=True)``.
 
@@ -132,8 +163,13 @@ class RankCLIPLoss(nn.Module):
             logits_per_text = logit_scale * rows_text @ cols_image.T
         labels = torch.arange(len(rows_image), device=logits_per_image.device) + offset
         biased = (0 if logit_bias is None else logit_bias)
-        contrastive = (F.cross_entropy(logits_per_image + biased, labels)
-                       + F.cross_entropy(logits_per_text + biased, labels)) / 2
+        per_image = F.cross_entropy(logits_per_image + biased, labels)
+        if rows_image is cols_image:  # the text rows are the columns: their softmax runs down the columns, so no
+            # [B, B] transposed copy is made and every gradient reaching the logits has their layout (fast adds)
+            per_text = -torch.log_softmax((logits_per_image + biased).float(), dim=0).diagonal().mean()
+        else:
+            per_text = F.cross_entropy(logits_per_text + biased, labels)
+        contrastive = (per_image + per_text) / 2
         losses: Dict[str, torch.Tensor] = {'contrastive_loss': contrastive}
 
         weight = self.rank_weight / (LISTMLE_DIVISOR * batch_size)
@@ -143,8 +179,8 @@ class RankCLIPLoss(nn.Module):
                 device=contrastive.device)
         if self.inmodal_weight > 0:
             if weight > 0:
-                image_similarity = logit_scale * rows_image @ cols_image.T
-                text_similarity = logit_scale * rows_text @ cols_text.T
+                image_similarity = similarities(rows_image, cols_image, logit_scale)
+                text_similarity = similarities(rows_text, cols_text, logit_scale)
             else:
                 image_similarity = text_similarity = None
             losses['inmodal_rank_loss'] = self._term(
