@@ -44,31 +44,31 @@ def sections(args):
     for dtype in ('float32', 'bfloat16'):
         out.append(('pair_head.md', f'Pair head, {dtype}', [py, str(SCRIPTS / 'benchmark.py'), *dev, '--dtype', dtype,
                                                             '--batch-sizes', *sizes, '--repeats', '2' if quick else '5'],
-                    60 if quick else 90))
+                    60 if quick else 40))
     for dtype in ('float32', 'bfloat16'):
         out.append(('adapter_step.md', f'Whole adapter step, {dtype}',
                     [py, str(SCRIPTS / 'benchmark.py'), '--mode', 'step', *dev, '--dtype', dtype,
                      '--model', 'ViT-B-32-adapter' if quick else PAPER_MODEL, '--batch-sizes', *(['4'] if quick else sizes),
-                     '--repeats', '1' if quick else '5'], 180 if quick else 90))
+                     '--repeats', '1' if quick else '5'], 180 if quick else 40))
     for model, n in (('ViT-B-32-adapter', ['4'] if quick else ['256', '1024']),
                      (PAPER_MODEL, ['2'] if quick else ['64', '256'])):
         dtype = 'bfloat16' if args.device == 'cuda' else 'float32'  # a CPU without bf16 units: fp32
         out.append(('ranking_throughput.md', f'Scoring {model}, pre-decoded, {dtype}',
                     [py, str(SCRIPTS / 'benchmark.py'), '--mode', 'inference', *dev, '--model', model,
                      '--dtype', dtype, '--batch-sizes', *n, '--repeats', '2' if quick else '5'],
-                    120 if quick else 60))
+                    120 if quick else 30))
         out.append(('ranking_throughput.md', f'Scoring {model}, end to end from JPEG files, '
                     f'{"bf16 autocast" if args.device == "cuda" else "fp32"}',
                     [py, str(Path(__file__).resolve()), '--jpeg-throughput', model, *dev,
-                     '--images', '8' if quick else '1024', '--batch-size', n[-1]], 180 if quick else 90))
+                     '--images', '8' if quick else '256', '--batch-size', n[-1]], 180 if quick else 45))
     out.append(('feature_cache.md', f'Feature cache vs tower epochs, {"ViT-B-32-adapter" if quick else PAPER_MODEL}',
                 [py, str(SCRIPTS / 'benchmark_feature_cache.py'), *dev,
                  '--model', 'ViT-B-32-adapter' if quick else PAPER_MODEL, '--images', '16' if quick else '512',
-                 '--batch-size', '8' if quick else '32', '--epochs', '1' if quick else '3'], 300 if quick else 150))
+                 '--batch-size', '8' if quick else '32', '--epochs', '1' if quick else '3'], 300 if quick else 75))
     out.append(('rankclip_loss.md', 'RankCLIP loss vs ClipLoss, forward + backward',
                 [py, str(SCRIPTS / 'benchmark_rankclip.py'), *dev, '--precision', *(['fp32'] if quick else ['fp32', 'bf16']),
                  '--batch-sizes', *(['128', '256'] if quick else ['1024', '4096', '8192', '16384', '32768']),
-                 '--repeats', '1' if quick else '3', '--max-seconds', '5' if quick else '10'], 180 if quick else 150))
+                 '--repeats', '1' if quick else '3', '--max-seconds', '5' if quick else '10'], 180 if quick else 90))
     return out
 
 
