@@ -30,7 +30,6 @@ SAMPLE_TYPES = (
         data_builder='open_clip_rank.data.ordinal:get_ordinal_data',
         data_check='open_clip_rank.data.ordinal:check_ordinal_data',
         validation='open_clip_rank.evaluation.ordinal:ordinal_validation',
-        check_args='open_clip_rank.data.ordinal:check_ordinal_data_args',
         shard_fields=('value',),
         val_shard_fields=('value',),
         add_shard_args='open_clip_rank.data.ordinal:add_ordinal_shard_args',

@@ -1,8 +1,8 @@
 """The 'ordinal' sample type: images with integer rank labels in [0, num_ranks), for ``*-ordinal`` models.
 
 The data (CSV or official list files, ``ordinal_dataset.py``) comes as shuffled ordinary batches of (image, label),
-distributed-aware; validation is sequential and unsharded. What the registry asks of it (``builtin.py``): its flag
-checks, data checks, OpenCLIP's ``get_data`` shape (shards in ``ordinal_shards.py``), ``make_shards`` records and
+distributed-aware; validation is sequential and unsharded. What the registry asks of it (``builtin.py``): its data
+checks, OpenCLIP's ``get_data`` shape (shards in ``ordinal_shards.py``), ``make_shards`` records and
 the rank CLI's rows. Validation metrics and pictures: ``evaluation/ordinal.py``.
 """
 import logging
@@ -84,12 +84,6 @@ def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
 
 
 # --- flags, make_shards and the rank CLI ---------------------------------------------------------------
-
-def check_ordinal_data_args(args):
-    if args.csv_dataset_sample_type == 'ordinal' and args.dataset_type not in ('csv', 'auto', 'webdataset'):
-        raise ValueError(f"--csv-dataset-sample-type ordinal needs --dataset-type csv or webdataset, "
-                         f"got {args.dataset_type}.")
-
 
 def add_ordinal_shard_args(parser):
     parser.add_argument('--num-ranks', type=int, default=100, help='ordinal: labels must lie in [0, num-ranks)')

@@ -47,8 +47,6 @@ def check_rank_data_args(args):
         return
     if not 0.0 <= args.negative_ratio < 1.0:
         raise ValueError(f"--negative-ratio must be in [0, 1), got {args.negative_ratio}.")
-    if args.dataset_type not in ('csv', 'auto', 'webdataset'):
-        raise ValueError(f"--csv-dataset-sample-type rank needs --dataset-type csv or webdataset, got {args.dataset_type}.")
     if args.train_with_relevance_score and args.relevance_max_score < 1:
         raise ValueError(f"--relevance-max-score must be >= 1, got {args.relevance_max_score}.")
 
@@ -81,7 +79,8 @@ def _cached_loader(args, table, deterministic_transform, tokenizer, batch_sample
     from ..integration.run_state import current_run
     from .feature_cache import FeatureCacheError, build_cache
     from .cached import CachedRankDataset, collate_cached_rank_batch
-    model = current_run().locked_model() if current_run() is not None else None
+    run = current_run()
+    model = run.locked_model() if run is not None else None
     if model is None:
         raise RankDataError("--rank-feature-cache needs the model locked by --lock-image before the data is built "
                             "(as open_clip_train.main does).")

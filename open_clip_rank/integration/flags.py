@@ -59,6 +59,10 @@ def plugin_parser() -> argparse.ArgumentParser:
 
 def check_plugin_args(args) -> None:
     """Clear one-line errors (ValueError) for bad flag combinations, before anything is built; changes nothing."""
+    sample_type = args.csv_dataset_sample_type
+    if sample_type != 'default' and getattr(args, 'dataset_type', 'csv') not in ('csv', 'auto', 'webdataset'):
+        raise ValueError(f"--csv-dataset-sample-type {sample_type} needs --dataset-type csv or webdataset, "
+                         f"got {args.dataset_type}.")
     loss = registry.resolved_loss(args)
     if loss is not None and loss.sample_type and args.train_data and args.csv_dataset_sample_type != loss.sample_type:
         given = f"--loss-opt {loss.name}" if args.loss_opt else f"--model {args.model} (default loss {loss.name})"

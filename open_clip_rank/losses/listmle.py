@@ -107,14 +107,13 @@ def _numpy_threads(rows: int) -> int:
     return min(torch.get_num_threads(), rows // 64) if rows >= 128 else 1
 
 
-def _descending_order(targets: torch.Tensor, positions: torch.Tensor,
+def _descending_order(targets: torch.Tensor, low: torch.Tensor,
                       permutation: Optional[torch.Tensor]) -> torch.Tensor:
     """Column indices [b, N] of each row in descending target order, ties by tie-break position: one sort of unique
     int64 keys (high 32 bits: the target's float bits as an order-reversing int; low 32: ``_low_bits``). On the CPU
     numpy's integer ops and SIMD sort do it (several times faster than torch's), elsewhere ``torch.sort``."""
     global _pool
     size = targets.shape[1]
-    low = _low_bits(positions)
     floats = targets.float().contiguous()
     if floats.device.type == 'cpu':
         order = torch.empty(floats.shape, dtype=torch.long)
@@ -145,14 +144,14 @@ def _descending_order(targets: torch.Tensor, positions: torch.Tensor,
 _EXP_FLOOR = -87.0
 
 
-def _rows_loss_and_grad(scores, targets, positions, permutation, eps, grad_out=None):
+def _rows_loss_and_grad(scores, targets, low, permutation, eps, grad_out=None):
     """Sum over rows of the loss (float64) of one block of rows; ``grad_out`` [b, N] float32, when given, receives
     d(sum)/d scores.
 
     float32 throughout (the loss's row sums accumulated in float64): more accurate than autograd through
     ``logcumsumexp`` in float32, because the floor keeps every ``1 / (T_j + eps)`` below 1 / eps (the tests
     measure both against float64). In place where it can be: each [b, N] pass is memory-bound."""
-    order = _descending_order(targets, positions, permutation)
+    order = _descending_order(targets, low, permutation)
     weights = scores.float().gather(1, order)  # the scores in target order ...
     top, top_index = weights.max(dim=1, keepdim=True)  # ... shifted by the row max m (the floor depends on it)
     weights.sub_(top)
@@ -176,7 +175,7 @@ class _ListMLE(torch.autograd.Function):
     def forward(ctx, scores, targets, permutation, eps):
         rows, size = scores.shape
         need_grad = ctx.needs_input_grad[0]
-        positions = _tie_positions(permutation, size, scores.device)
+        low = _low_bits(_tie_positions(permutation, size, scores.device))  # each column's low key bits, once
         block = max(1, BLOCK_ELEMENTS // max(size, 1))
         total = torch.zeros((), dtype=torch.float64, device=scores.device)
         grad = torch.empty((rows, size), dtype=torch.float32, device=scores.device) if need_grad else None
@@ -185,7 +184,7 @@ class _ListMLE(torch.autograd.Function):
             rows_scores, targets = scores.contiguous(), targets.contiguous()
             for start in range(0, rows, block):
                 stop = min(rows, start + block)
-                total += _rows_loss_and_grad(rows_scores[start:stop], targets[start:stop], positions, permutation, eps,
+                total += _rows_loss_and_grad(rows_scores[start:stop], targets[start:stop], low, permutation, eps,
                                              grad[start:stop] if need_grad else None)
         if need_grad:
             if not scores.is_contiguous() and scores.T.is_contiguous():  # e.g. the transpose of a similarity matrix:
