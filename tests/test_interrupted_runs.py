@@ -1,6 +1,7 @@
 """An interrupted or refused run never leaves the user stuck.
 
-* SIGINT during a checkpoint write, then ``--resume latest``: continues from the newest readable checkpoint;
+* SIGINT during a checkpoint write, then ``--resume latest``: continues from the newest intact checkpoint (one
+  with a flipped bit is skipped: every checkpoint carries a checksum);
 * a refused start (bad CSV, bad flag, unknown model, existing experiment) exits non-zero before OpenCLIP
   creates ``logs/<name>``;
 * the run's last lines are its own, not torch's internal loggers'.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO_ROOT, TEST_CONFIG_DIR, subprocess_env, write_rank_csv
+from helpers import REPO_ROOT, TEST_CONFIG_DIR, flip_bit_in_tensor_data, subprocess_env, write_rank_csv
 
 
 @pytest.fixture(scope='module')
@@ -63,24 +64,26 @@ def test_sigint_mid_checkpoint_write_then_resume_latest(train_csv, tmp_path):
     # writes are atomic: every checkpoint present is complete (readable), and no temporary file is left
     # under a checkpoint name (OpenCLIP's own in-place write would leave a truncated epoch_2.pt here)
     from open_clip_rank.files.checkpoints import unreadable_reason
+    from open_clip_rank.files.integrity import CHECKSUM_KEY
     assert {p.name for p in checkpoints.glob('*.pt')} <= {'epoch_1.pt', 'epoch_2.pt', 'epoch_3.pt'}
     for written in checkpoints.glob('*.pt'):
         assert unreadable_reason(str(written)) is None, written
+        assert CHECKSUM_KEY in torch.load(written, map_location='cpu', weights_only=True)  # every loader verifies it
     assert not [p.name for p in checkpoints.iterdir() if '.tmp-' in p.name]  # removed on KeyboardInterrupt
     for late in checkpoints.glob('epoch_3.pt'):  # the signal came after the write: drop what followed it
         late.unlink()
-    # What OpenCLIP's in-place write leaves when it is interrupted (or the timing missed): a truncated epoch_2.pt.
+    # Damage torch.load does not notice: one flipped bit in the tensor data of epoch_2.pt (the checksum does).
     source = checkpoints / ('epoch_2.pt' if (checkpoints / 'epoch_2.pt').is_file() else 'epoch_1.pt')
-    data = source.read_bytes()
-    (checkpoints / 'epoch_2.pt').write_bytes(data[:len(data) // 2])
+    (checkpoints / 'epoch_2.pt').write_bytes(source.read_bytes())
+    flip_bit_in_tensor_data(checkpoints / 'epoch_2.pt')
 
     resumed = subprocess.run([*cmd, '--resume', 'latest', '--report-to', 'tensorboard'], env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (logs / 'run' / 'out.log').read_text()
-    assert re.search(r'WARNING \| --resume latest: skipping unreadable checkpoint \S*epoch_2\.pt', log)
+    assert re.search(r'WARNING \| --resume latest: skipping damaged checkpoint \S*epoch_2\.pt', log)
     assert re.search(r"=> resuming checkpoint '\S*epoch_1\.pt' \(epoch 1\)", log)
-    resumed_part = log[log.index('skipping unreadable checkpoint'):]
+    resumed_part = log[log.index('skipping damaged checkpoint'):]
     assert 'Start epoch 1' in resumed_part and 'Start epoch 0' not in resumed_part
     for epoch in (2, 3):  # rewritten complete
         assert torch.load(checkpoints / f'epoch_{epoch}.pt', map_location='cpu')['epoch'] == epoch
@@ -97,22 +100,40 @@ REFUSALS = {
                       "unknown model 'tiny-vit-adaptr' (closest: tiny-vit-adapter"),
     'pretrained missing': (['--epochs', '1', '--pretrained', 'nope.pt'], '--pretrained nope.pt is neither a file'),
     'unreadable resume': (['--epochs', '1', '--resume', '{cut}'], 'cannot be read'),
+    'flipped pretrained': (['--epochs', '1', '--pretrained', '{flipped}'], 'flipped.pt cannot be read (sha256 checksum'),
+    'flipped resume': (['--epochs', '1', '--resume', '{flipped}'], 'flipped.pt cannot be read (sha256 checksum'),
+    'pretrained for another config': (['--epochs', '1', '--pretrained', '{wide}'], 'wide.pt does not fit this model'),
+    'resume for another config': (['--epochs', '1', '--resume', '{wide_run}'], 'wide_run.pt does not fit'),
+    'batch larger than the data': (['--epochs', '1', '--batch-size', '64'], 'fewer than one batch'),
 }
 
 
 @pytest.mark.e2e
-def test_refused_starts_exit_nonzero_and_leave_no_experiment(train_csv, tmp_path, monkeypatch):
+def test_refused_starts_exit_nonzero_and_leave_no_experiment(train_csv, tmp_path, monkeypatch, capsys):
     """In-process through OpenCLIP's main (each refusal happens in its parse_args), plus one real process."""
     import open_clip_train.main
-    cut = tmp_path / 'cut.pt'
-    cut.write_bytes(b'PK\x03\x04' + b'\x00' * 64)  # a zip that stops after its first header
+    import open_clip
+    from open_clip_rank.files.integrity import add_checksum
+    files = {'cut': tmp_path / 'cut.pt', 'flipped': tmp_path / 'flipped.pt', 'wide': tmp_path / 'wide.pt',
+             'wide_run': tmp_path / 'wide_run.pt'}
+    files['cut'].write_bytes(b'PK\x03\x04' + b'\x00' * 64)  # a zip that stops after its first header
+    torch.save(add_checksum({'epoch': 1, 'state_dict': open_clip.create_model('tiny-vit-adapter').state_dict()}),
+               files['flipped'])
+    flip_bit_in_tensor_data(files['flipped'])
+    wide = open_clip.create_model('tiny-vit-w64').state_dict()  # base weights of another width
+    torch.save(wide, files['wide'])
+    torch.save({'epoch': 2, 'state_dict': {f'module.{k}': v for k, v in wide.items()}}, files['wide_run'])
     logs = tmp_path / 'logs'
     for case, (extra, expected) in REFUSALS.items():
-        extra = [e.replace('{cut}', str(cut)) for e in extra]
+        for key, path in files.items():
+            extra = [e.replace('{%s}' % key, str(path)) for e in extra]
         cmd = _command(train_csv, logs, case.replace(' ', '_'), *extra)
+        capsys.readouterr()
         with pytest.raises(SystemExit) as exit_:
             open_clip_train.main.main(cmd[3:])
         assert exit_.value.code == 2, case
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith('open_clip_rank: error:') and expected in error, (case, error)
         assert not (logs / case.replace(' ', '_')).exists(), case
     # A real process: the one-line refusal is the last line, exit status 2, and the rerun after the fix is
     # not blocked by "Experiment already exists".

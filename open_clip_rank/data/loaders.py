@@ -28,3 +28,13 @@ def check_model_trains_on(args, sample_type: str):
             f"(its config has no key of a family training on it); use a "
             f"{' or '.join('*' + f.suffix for f in families_training_on(sample_type))} model "
             f"(open_clip.list_models()).")
+
+
+def check_fills_one_batch(num_rows: int, source, args) -> None:
+    """Training data must fill one global batch (``--batch-size`` x processes). At the start checks ``args`` has no
+    ``world_size`` yet: the launcher's (torchrun, SLURM) is read from the environment as OpenCLIP will."""
+    from ..integration.compat import launch_world_size
+    world_size = getattr(args, 'world_size', None) or launch_world_size()
+    if num_rows < args.batch_size * world_size:
+        raise RankDataError(f"{source} has {num_rows} rows, fewer than one batch per process (--batch-size "
+                            f"{args.batch_size} x {world_size} process(es)); lower --batch-size or add data.")

@@ -1,8 +1,7 @@
 """Checkpoint files: telling an unreadable (truncated, corrupt) file from a good one, atomic writes, resume.
 
-* ``unreadable_reason(path)``: a cheap structural check (a torch zip archive's central directory, a
-  safetensors header) that catches the usual damage, a file cut short by an interrupted write, without
-  loading the tensors;
+* ``unreadable_reason(path)``: the file's integrity (``integrity.py``: the plugin's checksum, else the
+  format's own CRC-32s), which catches a file cut short by an interrupted write and a flipped bit alike;
 * ``reading_checkpoint(path)``: turns torch's raw ``PytorchStreamReader`` / EOF errors into one
   ``UnreadableCheckpointError`` line naming the file and the fix;
 * checkpoints of a training run are written with ``atomic.atomic_torch_save`` (``integration/hook.py``);
@@ -12,62 +11,33 @@
 Imports no ``open_clip_train`` module (the rank CLI uses it too).
 """
 import contextlib
+import errno
 import glob
 import logging
 import os
 import pickle
 import re
 import struct
-import json
 import zipfile
 from typing import Optional
 
+from .integrity import verify_file
+
 
 _logger = logging.getLogger(__name__)
-
-ZIP_MAGIC = b'PK\x03\x04'
-
 
 class UnreadableCheckpointError(ValueError):
     """The checkpoint file is truncated or corrupt (e.g. its write was interrupted)."""
 
 
 def unreadable_reason(path) -> Optional[str]:
-    """Why ``path`` cannot be a complete checkpoint, or None when it looks complete (or cannot be told cheaply).
+    """Why ``path`` is not an intact checkpoint (cut short, a flipped bit, not a checkpoint at all), or None.
 
-    Reads the file's structure only: a torch zip archive's central directory (the last thing written, so a
-    truncated file has none) and a safetensors header against the file size. Legacy pickle files are not
-    checked here; loading them reports the damage (see ``reading_checkpoint``).
+    ``integrity.verify_file``: the plugin's checksum where the file carries one, else the format's own checks
+    (a torch zip archive's CRC-32s, a safetensors header); cached per file version, so checking at the start
+    of a run and again at the load costs one verification.
     """
-    path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return 'the file is empty'
-        with open(path, 'rb') as f:
-            head = f.read(8)
-            if head[:4] == ZIP_MAGIC:
-                try:
-                    with zipfile.ZipFile(f) as archive:
-                        names = archive.namelist()
-                except (zipfile.BadZipFile, EOFError, OSError) as err:
-                    return f'incomplete zip archive: {err}'
-                if not any(n.endswith('data.pkl') for n in names):
-                    return 'zip archive without a torch data.pkl'
-                return None
-            if path.endswith('.safetensors'):
-                if len(head) < 8:
-                    return 'incomplete safetensors header'
-                (length,) = struct.unpack('<Q', head)
-                if 8 + length > size:
-                    return 'incomplete safetensors header'
-                header = json.loads(f.read(length))
-                end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
-                if 8 + length + end > size:
-                    return f'safetensors data cut short ({size} of {8 + length + end} bytes)'
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f'{type(err).__name__}: {err}'
-    return None
+    return verify_file(path)
 
 
 _DAMAGE_MARKERS = ('PytorchStreamReader', 'zip archive', 'central directory', 'unexpected EOF', 'Ran out of input',
@@ -80,6 +50,8 @@ def is_unreadable_error(err: BaseException) -> bool:
     if isinstance(err, UnreadableCheckpointError):
         return True
     if isinstance(err, (EOFError, zipfile.BadZipFile, struct.error)):
+        return True
+    if isinstance(err, OSError) and err.errno == errno.EINVAL:  # fsspec seeking past the end of a cut file
         return True
     text = str(err)
     if 'Weights only load failed' in text:
@@ -102,7 +74,7 @@ def unreadable_message(path, reason: str, fix: Optional[str] = None) -> str:
 
 
 def check_readable(path, fix: Optional[str] = None) -> None:
-    """Raise ``UnreadableCheckpointError`` when the cheap structural check finds damage."""
+    """Raise ``UnreadableCheckpointError`` when the file does not verify (``unreadable_reason``)."""
     reason = unreadable_reason(path)
     if reason is not None:
         raise UnreadableCheckpointError(unreadable_message(path, reason, fix))
@@ -176,19 +148,30 @@ def resume_candidates(failed_path) -> list:
     return sorted((p for p in found if os.path.abspath(p) != failed), key=_natural_order, reverse=True)
 
 
-def load_resume_checkpoint(original_load, file_path, map_location=None, run_args=None):
-    """OpenCLIP's ``pt_load`` of the resume checkpoint, made safe against damaged files.
-
-    Under ``--resume latest`` (``run_args.rank_resume_latest``), an unreadable newest checkpoint is skipped
-    with a warning and the newest readable one is loaded instead (``run_args.resume`` is updated, so the log
-    names it). Otherwise a damaged file ends the run with one line naming it and the fix.
-    """
+def _load_intact(original_load, path, map_location):
+    """(checkpoint, None) or (None, why the file is damaged): verified before loading, so a flipped bit is
+    found too, not only the errors torch happens to raise on a cut file."""
+    reason = unreadable_reason(path)
+    if reason is not None:
+        return None, reason
     try:
-        return original_load(file_path, map_location=map_location)
+        return original_load(path, map_location=map_location), None
     except Exception as err:
         if not is_unreadable_error(err):
             raise
-        first_reason = f'{type(err).__name__}: {err}'
+        return None, f'{type(err).__name__}: {err}'
+
+
+def load_resume_checkpoint(original_load, file_path, map_location=None, run_args=None):
+    """OpenCLIP's ``pt_load`` of the resume checkpoint, made safe against damaged files.
+
+    Under ``--resume latest`` (``run_args.rank_resume_latest``), a damaged newest checkpoint is skipped
+    with a warning and the newest intact one is loaded instead (``run_args.resume`` is updated, so the log
+    names it). Otherwise a damaged file ends the run with one line naming it and the fix.
+    """
+    checkpoint, first_reason = _load_intact(original_load, file_path, map_location)
+    if first_reason is None:
+        return checkpoint
     latest = bool(run_args is not None and getattr(run_args, 'rank_resume_latest', False))
     if not latest or '://' in os.fspath(file_path):
         raise SystemExit('open_clip_rank: error: ' + unreadable_message(
@@ -196,25 +179,17 @@ def load_resume_checkpoint(original_load, file_path, map_location=None, run_args
                                      '--resume latest.'))
     skipped = [(file_path, first_reason)]
     for candidate in resume_candidates(file_path):
-        reason = unreadable_reason(candidate)
-        checkpoint = None
-        if reason is None:
-            try:
-                checkpoint = original_load(candidate, map_location=map_location)
-            except Exception as err:
-                if not is_unreadable_error(err):
-                    raise
-                reason = f'{type(err).__name__}: {err}'
+        checkpoint, reason = _load_intact(original_load, candidate, map_location)
         if reason is not None:
             skipped.append((candidate, reason))
             continue
         for path, why in skipped:
-            _logger.warning(f"--resume latest: skipping unreadable checkpoint {path} "
+            _logger.warning(f"--resume latest: skipping damaged checkpoint {path} "
                             f"({_short(why)}); it is truncated or corrupt, e.g. by an interrupted write.")
-        _logger.warning(f"--resume latest: resuming from {candidate}, the newest readable checkpoint.")
+        _logger.warning(f"--resume latest: resuming from {candidate}, the newest intact checkpoint.")
         run_args.resume = candidate
         return checkpoint
     raise SystemExit(f"open_clip_rank: error: --resume latest found no readable checkpoint in "
-                     f"{os.path.dirname(os.fspath(file_path))} ({len(skipped)} unreadable: "
+                     f"{os.path.dirname(os.fspath(file_path))} ({len(skipped)} damaged: "
                      f"{', '.join(os.path.basename(p) for p, _ in skipped[:3])}); delete them to start the run "
                      f"afresh, or resume from a checkpoint elsewhere with --resume PATH.")

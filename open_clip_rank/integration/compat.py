@@ -243,6 +243,13 @@ def fix_zero_shot_accuracy(module) -> bool:
 
 # --- torch ---------------------------------------------------------------------------------------
 
+def launch_world_size() -> int:
+    """The number of processes the launcher (torchrun, SLURM, MPI) started, read from the environment by OpenCLIP's
+    own rule (``world_info_from_env``), before ``init_distributed_device`` has run."""
+    from open_clip_train.distributed import world_info_from_env
+    return world_info_from_env()[2]
+
+
 def allow_cpu_ddp_device_ids() -> None:
     """OpenCLIP 3.3's main wraps the model as ``DistributedDataParallel(model, device_ids=[device])``,
     which torch rejects for CPU modules. For CPU (gloo) runs DDP is given a subclass that drops

@@ -9,7 +9,7 @@ which fails loudly when OpenCLIP has moved one.
 Patched:
 * ``open_clip.factory.CLIP`` / ``CustomTextCLIP`` (looked up by ``create_model`` at call time): configs
   carrying a family key build that family's classes (built-in, ``local-dir:`` and ``hf-hub:`` alike);
-* ``open_clip.load_checkpoint``: names the file in rank models' load errors;
+* ``open_clip.load_checkpoint``: verifies the file first (``files/integrity.py``) and names it in load errors;
 * ``open_clip.create_loss``: the plugin's losses (``--loss-opt``, or a rank family's default);
 * OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
@@ -20,8 +20,8 @@ Patched:
   checkpoints), and ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in
   ``compat``);
 * ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``start_checks``), starts the
-  run (``run_state``) and makes the run's checkpoint writes atomic (``torch.save`` into its checkpoint folder,
-  ``files/atomic.py``).
+  run (``run_state``) and makes the run's checkpoint writes atomic and checksummed (``torch.save`` into its
+  checkpoint folder, ``files/atomic.py``, ``files/integrity.py``).
 """
 import copy
 import logging
@@ -89,12 +89,14 @@ def _patch_factory(open_clip):
 
     @compat.wraps_once(original_load)
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
-        from ..files.checkpoints import note_loaded, reading_checkpoint
-        with reading_checkpoint(checkpoint_path):  # a damaged file: one line naming it and the fix
+        from ..files.checkpoints import check_readable, note_loaded, reading_checkpoint
+        from ..models.checkpoint import explaining_mismatch, load_rank_checkpoint
+        check_readable(checkpoint_path)  # verified first: a flipped bit loads without any error from torch
+        with reading_checkpoint(checkpoint_path):  # a damaged file torch trips on: one line naming it and the fix
             if registry.family_for_model(model) is None:
-                return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only,
-                                     device=device)
-            from ..models.checkpoint import load_rank_checkpoint
+                with explaining_mismatch(model, checkpoint_path, weights_only=weights_only, device=device):
+                    return original_load(model, checkpoint_path, strict=strict, weights_only=weights_only,
+                                         device=device)
             result = load_rank_checkpoint(original_load, model, checkpoint_path, strict=strict,
                                           weights_only=weights_only, device=device)
             # load_rank_model refuses rank models whose own parameters hold no trained weights
@@ -196,13 +198,15 @@ def _parse_args(original):
 
 
 def _save_run_checkpoint(original_save, obj, f, *args, **kwargs):
-    """torch.save: atomic for files in the current training run's checkpoint folder, unchanged otherwise."""
+    """torch.save: atomic and with a checksum for files in the current training run's checkpoint folder,
+    unchanged otherwise."""
     from ..files.atomic import atomic_torch_save
     from ..files.checkpoints import inside
+    from ..files.integrity import add_checksum
     from .run_state import run_flag
     folder = run_flag('checkpoint_path', None)
-    if inside(folder, f):
-        return atomic_torch_save(original_save, obj, f, *args, **kwargs)
+    if inside(folder, f):  # every loader verifies the checksum (files/integrity.py)
+        return atomic_torch_save(original_save, add_checksum(obj), f, *args, **kwargs)
     return original_save(obj, f, *args, **kwargs)
 
 

@@ -4,13 +4,15 @@ OpenCLIP's ``main`` creates ``logs/<name>`` right after parsing its arguments an
 model and reads the data, so a refusal there leaves the folder behind and the rerun with the same
 ``--name`` stops at "Experiment already exists" (exit code 0). ``check_training_start`` runs inside the
 plugin's ``parse_args`` wrapper, before that folder exists: unknown ``--model``, a missing or unreadable
-``--pretrained`` / ``--resume`` file, a ``--pretrained`` that OpenCLIP would ignore, an experiment that
-already exists, and bad rank CSVs (the same checks ``get_data`` runs later). Refusals exit with status 2.
+``--pretrained`` / ``--resume`` file (verified, ``files/integrity.py``), one made for another config (a dry-run
+load into a meta-device model), a ``--pretrained`` that OpenCLIP would ignore, an experiment that already
+exists, and bad rank CSVs (the same checks ``get_data`` runs later). Refusals exit with status 2.
 
 ``unknown_model_message`` and ``check_model_name`` serve the rank CLI and ``load_rank_model`` as well.
 Imports no ``open_clip_train`` module at import time.
 """
 import difflib
+import logging
 import os
 import sys
 from typing import Optional
@@ -18,6 +20,8 @@ from typing import Optional
 from .. import registry
 from . import compat
 from .run_state import start_run
+
+_logger = logging.getLogger(__name__)
 
 class StartRefused(ValueError):
     """A training run or a ranking that must not start; the message is one line with the fix."""
@@ -103,6 +107,90 @@ def _check_resume(args):
     check_readable(resume, fix='Resume from an earlier checkpoint of the run (--resume PATH or --resume latest).')
 
 
+def _meta_model(args):
+    """The run's model on the meta device (shapes only: no memory, no initialisation cost, no download), built as
+    OpenCLIP's ``main`` builds it, or None when it cannot be built that way (the load then reports as usual)."""
+    import warnings
+
+    import numpy as np
+    import open_clip
+    import torch
+    if compat.split_model_name(args.model)[0] is not None:
+        return None  # hf-hub: / local-dir: sources bring their own weights
+    image_size = getattr(args, 'force_image_size', None)
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 1:
+        image_size = image_size[0]
+    kwargs = {'init_logit_scale': np.log(10), 'init_logit_bias': -10} if getattr(args, 'siglip', False) else {}
+    try:
+        with torch.device('meta'), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return open_clip.create_model(
+                args.model, None, device='meta', force_quick_gelu=getattr(args, 'force_quick_gelu', False),
+                force_custom_text=getattr(args, 'force_custom_text', False), force_image_size=image_size,
+                force_context_length=getattr(args, 'force_context_length', None), pretrained_image=False,
+                output_dict=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a model only its real build can make: checked at the load
+        _logger.debug(f"start check: {args.model} cannot be built on the meta device ({err}); weights checked at load")
+        return None
+
+
+def _load_on_meta(load, path):
+    """Run ``load`` (a weights load into a meta-device model: shapes and keys compared, nothing copied), for torch
+    zip files with memory-mapped loading, so the check reads no tensor data."""
+    import warnings
+
+    import torch.utils.serialization as serialization
+    from ..files.integrity import ZIP_MAGIC
+    with open(path, 'rb') as f:
+        zip_file = f.read(4) == ZIP_MAGIC
+    mmap, serialization.config.load.mmap = serialization.config.load.mmap, zip_file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # "copying ... to a meta parameter is a no-op"
+            load()
+    finally:
+        serialization.config.load.mmap = mmap
+
+
+def _first_line(err) -> str:
+    return ' '.join(str(err).split())[:300]
+
+
+def _check_weights_fit(args):
+    """A ``--pretrained`` / ``--resume`` file made for another config is found now (dry-run loads into a meta-device
+    model, through the same code as the real loads), not after OpenCLIP has created ``logs/<name>``."""
+    pretrained = getattr(args, 'pretrained', None)
+    resume = getattr(args, 'resume', None)
+    files = [(flag, path) for flag, path in (('--pretrained', pretrained), ('--resume', resume))
+             if path and path != 'latest' and '://' not in path and os.path.isfile(path)
+             and not path.endswith(('.npz', '.npy'))]
+    model = _meta_model(args) if files else None
+    if model is None:
+        return
+    import open_clip
+    import torch
+
+    from ..models.checkpoint import checkpoint_source
+    for flag, path in files:
+        def load(flag=flag, path=path):
+            if flag == '--pretrained':
+                open_clip.load_checkpoint(model, path)
+                return
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            state_dict = checkpoint['state_dict'] if 'epoch' in checkpoint else checkpoint  # as OpenCLIP's resume
+            with checkpoint_source(path):  # named in a rank model's mismatch error
+                model.load_state_dict({k.removeprefix('module.'): v for k, v in state_dict.items()})
+        try:
+            _load_on_meta(load, path)
+        except ValueError:  # CheckpointMismatchError, UnreadableCheckpointError: already one line
+            raise
+        except Exception as err:  # noqa: BLE001 - OpenCLIP's / torch's own mismatch errors, made one line
+            if 'Weights only load failed' in str(err):
+                continue  # the real load decides (e.g. a checkpoint holding other objects)
+            raise StartRefused(f"{flag} {path} does not fit --model {args.model}: {_first_line(err)}; train or "
+                               f"resume with the model config the checkpoint was made with.") from None
+
+
 def _check_new_experiment(args):
     """OpenCLIP's own refusal of an existing experiment (same condition), but before anything happens and
     with a non-zero exit status."""
@@ -139,6 +227,7 @@ def check_training_start(args):
     _check_pretrained(args)
     _check_resume(args)
     _check_new_experiment(args)
+    _check_weights_fit(args)
     _check_data(args)
     _check_family_start(args)
 

@@ -84,25 +84,33 @@ def load_rank_checkpoint(openclip_load_checkpoint, model, checkpoint_path, stric
                          device='cpu'):
     """OpenCLIP's ``load_checkpoint`` on a rank model, with the file named in every mismatch error."""
     with checkpoint_source(checkpoint_path):  # OpenCLIP's loader ends in the rank model's load_state_dict
-        try:
+        with explaining_mismatch(model, checkpoint_path, weights_only=weights_only, device=device):
             return openclip_load_checkpoint(model, checkpoint_path, strict=strict, weights_only=weights_only,
                                             device=device)
-        except CheckpointMismatchError:
-            raise
-        except (AssertionError, RuntimeError) as err:
-            _explain_load_failure(model, checkpoint_path, err, weights_only=weights_only, device=device)
 
 
-def _explain_load_failure(model, checkpoint_path, error: Exception, **load_kwargs):
-    """OpenCLIP's conversions assert on some mismatches (e.g. a text width) before any key is compared:
-    re-read the raw file and name the first mismatched key instead; re-raise if shapes are not the cause."""
-    from open_clip.factory import load_state_dict
+@contextlib.contextmanager
+def explaining_mismatch(model, checkpoint_path, **load_kwargs):
+    """OpenCLIP's conversions fail on some mismatches before any key is compared (an assert on a text width;
+    ``model.logit_bias.ndim`` on a model without one): re-read the raw file and name the first mismatched key
+    instead; re-raise if the mismatch is not the cause."""
     try:
-        raw = strip_module_prefix(load_state_dict(checkpoint_path, **load_kwargs))
-    except Exception:
-        raise error
-    _check_shapes(model.state_dict(), raw, str(checkpoint_path))
-    raise error
+        yield
+    except CheckpointMismatchError:
+        raise
+    except (AssertionError, RuntimeError, AttributeError) as error:
+        from open_clip.factory import load_state_dict
+        try:
+            raw = strip_module_prefix(load_state_dict(checkpoint_path, **load_kwargs))
+        except Exception:
+            raise error
+        expected = model.state_dict()
+        missing_bias = 'logit_bias' in raw and 'logit_bias' not in expected
+        if missing_bias:
+            raise _refit(str(checkpoint_path), "it has 'logit_bias' (a SigLIP-style model, init_logit_bias in its "
+                                               "config), this model has none") from None
+        _check_shapes(expected, raw, str(checkpoint_path))
+        raise
 
 
 def _kept_timm_tower_keys(model, missing):
