@@ -127,7 +127,7 @@ def rank_csv(tmp_path_factory):
 def _parse(csv, *extra):
     import open_clip_train.params
     argv = ['--model', 'tiny-vit-adapter', '--train-data', csv, '--dataset-type', 'csv', '--csv-separator', '\t',
-            '--csv-dataset-sample-type', 'rank', *extra]
+            '--csv-dataset-sample-type', 'rank', '--batch-size', '4', *extra]
     return open_clip_train.params.parse_args(argv)
 
 

@@ -64,7 +64,7 @@ def test_make_shards_writes_its_records(toy_registered, tmp_path):
     assert result.returncode == 0, result.stderr
     with tarfile.open(tmp_path / 'shards' / '000000.tar') as tar:
         metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith('.json')]
-    assert len(metas) == 4 and all(set(m) == {'value'} for m in metas)
+    assert len(metas) == 4 and all(set(m) == {'value', 'source_path'} for m in metas)  # and where it came from
 
 
 @pytest.mark.e2e

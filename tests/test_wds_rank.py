@@ -155,7 +155,7 @@ def test_every_sample_reaches_a_batch_as_positive(tmp_path):
 
 
 @pytest.mark.unit
-def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
+def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog, monkeypatch):
     from open_clip_rank.data.rank_shards import decode_rank_samples
     from open_clip_rank.data.shards import SkipCounter as _Counter
     from open_clip_rank.make_shards import write_shards
@@ -164,6 +164,8 @@ def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
     Image.new('RGB', (8, 8)).save(good)
     bad = make_unreadable_image(tmp_path / 'bad.png')
     meta = {'value': 1.0, 'category': 'a', 'caption': 'Rank a.'}
+    # a shard from before make_shards decoded each image (or from another tool): the bad image gets in
+    monkeypatch.setattr('open_clip_rank.make_shards.open_rgb', lambda data, **_: Image.new('RGB', (1, 1)))
     write_shards([(str(good), meta), (bad, meta), (str(good), {'caption': 'x'})], str(tmp_path / 's'), 10,
                  progress=False)
     import webdataset as wds
@@ -173,6 +175,7 @@ def test_unreadable_samples_are_skipped_and_counted(tmp_path, caplog):
                                                     wds.tarfile_to_samples()), T.ToTensor(), counter))
     assert len(out) == 1 and counter.skipped == 2
     assert '2 skipped so far' in caplog.text
+    assert f'(from {bad})' in caplog.text  # the skip names the image file the sample was made from
 
 
 # --- end to end through OpenCLIP's entry point -------------------------------------------------------

@@ -1,27 +1,35 @@
 """Rank samples: an image, its (possibly re-worded) instruction, its target; batched into ``RankTexts``.
 
 A negative sample (an image of another category in a category's batch) gets the batch's category
-word in its caption and target 0 ("Rank the numbers of horse" on an image with no horse).
+word in its caption, in place of its own (whole words only), and target 0 ("Rank the numbers of horse" on an
+image with no horse).
 """
 import logging
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from ..files.images import open_rgb
+from ..integration.run_state import run_flag
 from .batches import RankTexts
-from .table import RankTable
+from .table import NEGATIVE_TARGET, RankTable, swap_category
 
 _logger = logging.getLogger(__name__)
 
 
+def truncated_images_allowed() -> bool:
+    """``--load-truncated-images`` of the training run (False outside one). A dataset reads it when it is built,
+    in the main process, and carries it into its data workers (forked or spawned alike)."""
+    return bool(run_flag('load_truncated_images'))
+
+
 def load_image_or_skip(dataset, path, transform):
-    """The transformed image, or None for an unreadable or truncated file: skipped, counted on
+    """The transformed image (decoded by ``files/images.py:open_rgb``), or None for an unreadable or truncated
+    file (a truncated one decodes when ``dataset.load_truncated_images``): skipped, counted on
     ``dataset.num_skipped`` and logged, so training keeps going."""
     try:
-        with Image.open(path) as image:
-            return transform(image.convert('RGB'))
+        return transform(open_rgb(path, load_truncated=getattr(dataset, 'load_truncated_images', False)))
     except Exception as err:
         dataset.num_skipped += 1
         _logger.warning(f"Skipping unreadable image {path} ({type(err).__name__}: {err}); "
@@ -52,6 +60,7 @@ class RankDataset(Dataset):
         self.tokenize = tokenizer
         self.replace_unreadable = replace_unreadable
         self.num_skipped = 0
+        self.load_truncated_images = truncated_images_allowed()
 
     def __len__(self):
         return len(self.table)
@@ -61,7 +70,7 @@ class RankDataset(Dataset):
         if batch_category < 0:
             return caption, float(self.table.values[row]), int(self.table.category_ids[row])
         own = self.table.category_names[self.table.category_ids[row]]
-        return caption.replace(own, self.table.category_names[batch_category]), 0.0, batch_category
+        return swap_category(caption, own, self.table.category_names[batch_category]), NEGATIVE_TARGET, batch_category
 
     @staticmethod
     def _relative_to(caption, target, reference):

@@ -365,6 +365,8 @@ def data_key(table) -> dict:
 def build_cache(args, model, table, transform) -> FeatureCache:
     """The training process's cache for ``table`` under ``transform`` (the deterministic, no-flip transform)."""
     from PIL import Image
+
+    from ..files.images import DECODER_VERSION
     from ..integration.compat import read_model_config
     check_cacheable(model)
     probe = transform(Image.new('RGB', (64, 64)))
@@ -380,6 +382,7 @@ def build_cache(args, model, table, transform) -> FeatureCache:
         'tower_dtype': str(param.dtype),
         'tower_weights': tower_weights_hash(model),
         'transform': repr(transform),
+        'image_decoding': [DECODER_VERSION, bool(getattr(args, 'load_truncated_images', False))],
         'views': list(VIEWS),
         'data': data_key(table),
     }

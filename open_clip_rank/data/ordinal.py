@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..registry import SAMPLE_TYPES, num_ranks_of_model_name
-from .loaders import DataInfo, RankDataInfo, SharedEpoch, check_model_trains_on
+from .loaders import DataInfo, RankDataInfo, SharedEpoch, check_fills_one_batch, check_model_trains_on
 from .ordinal_dataset import OrdinalDataset, collate_ordinal_batch, load_ordinal_table
 from .shards import check_shard_data, uses_shards
-from .table import RankDataError
+from .table import image_path_options
 
 _logger = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ def check_ordinal_data(args):
         return
     for path in (args.train_data, args.val_data):
         if path:
-            _ordinal_table(args, path, _num_ranks(args))
+            table = _ordinal_table(args, path, _num_ranks(args))
+            if path == args.train_data:
+                check_fills_one_batch(len(table), path, args)
 
 
 def _num_ranks(args) -> int:
@@ -39,7 +41,7 @@ def _num_ranks(args) -> int:
 
 def _ordinal_table(args, path, num_ranks):
     return load_ordinal_table(path, num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
-                              sep=args.csv_separator, image_root=args.image_root)
+                              sep=args.csv_separator, **image_path_options(args))
 
 
 def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
@@ -54,10 +56,8 @@ def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
     data = {}
     if args.train_data:
         table = _ordinal_table(args, args.train_data, num_ranks)
+        check_fills_one_batch(len(table), args.train_data, args)
         global_batch = args.batch_size * args.world_size
-        if len(table) < global_batch:
-            raise RankDataError(f"{args.train_data} has {len(table)} images, fewer than one batch of {global_batch} "
-                                f"(--batch-size x processes); lower --batch-size or add data.")
         dataset = OrdinalDataset(table, train_transform, train=True)
         if args.distributed:
             sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
@@ -92,7 +92,7 @@ def add_ordinal_shard_args(parser):
 def ordinal_shard_records(args):
     """(image path, json) per image of ordinal data, read with training's checks (every label kept)."""
     t = load_ordinal_table(args.csv, args.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
-                           sep=args.csv_separator, image_root=args.image_root)
+                           sep=args.csv_separator, **image_path_options(args))
     for path, labels in zip(t.paths, t.labels):
         meta = {'value': labels[len(labels) // 2]}
         if len(labels) > 1:
@@ -103,8 +103,8 @@ def ordinal_shard_records(args):
 def read_ordinal_rows(args, model):
     """The rank CLI's rows of an ordinal CSV / list file (``filepath[, value]`` or ``path label``); no prompts."""
     table = load_ordinal_table(args.csv, model.num_ranks, img_key=args.csv_img_key, value_key=args.csv_value_key,
-                               sep=args.csv_separator, image_root=args.image_root, check_files=False,
-                               require_labels=False)
+                               sep=args.csv_separator, check_files=False, require_labels=False,
+                               **image_path_options(args))
     targets = table.eval_labels() or [None] * len(table)
     return [{'image': image, 'prompt': '', 'category': '', 'target': target}
             for image, target in zip(table.paths, targets)]

@@ -4,23 +4,27 @@ Two formats, told apart by the first line:
 * a CSV with a header: an image column (``--csv-img-key``) and an integer label column
   (``--csv-value-key``); other columns (caption, category) are ignored;
 * the official list files: ``path label [label ...]`` per line, whitespace-separated, no header.
-  Several labels per image: a random one each time in training, the middle one in evaluation.
+  Several labels per image: a random one each time in training, the middle one in evaluation. The labels are
+  the trailing numbers of a line and the path everything before them, so a path may hold spaces.
 
-Relative image paths resolve against ``image_root`` (the official ``images_root``; default: as written).
+Both are read as UTF-8 (a byte-order mark is dropped). Relative image paths resolve against ``image_root`` (the
+official ``images_root``), the file's own folder (``relative_to_table``) or, by default, the current folder.
 Every problem is one ``RankDataError`` naming the file, row and value, before training starts.
 """
+import io
 import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from .dataset import first_readable, load_image_or_skip
-from .table import RankDataError, preview
+from .dataset import first_readable, load_image_or_skip, truncated_images_allowed
+from .table import RankDataError, check_images_exist, image_base, read_text, refuse_empty, resolve_image
 
 _logger = logging.getLogger(__name__)
 
@@ -64,33 +68,58 @@ def _parse_label(text, path, where, num_ranks) -> int:
     return int(value)
 
 
-def _resolve(p, image_root):
-    return os.path.join(image_root, p) if image_root and not os.path.isabs(p) else p
+_TOKEN = re.compile(r'\S+')
 
 
-def _read_list_file(path, lines, num_ranks, image_root):
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def split_list_line(line: str):
+    """(path, label tokens) of a list-file line: the labels are the trailing tokens that are numbers (the official
+    format allows several), the path is everything before them, its inner spaces kept; at least the first token
+    is path. A path whose last space-separated part is itself a number cannot be told from a label."""
+    tokens = list(_TOKEN.finditer(line))
+    if not tokens:
+        return None, []
+    first_label = len(tokens)
+    while first_label > 1 and _is_number(tokens[first_label - 1].group()):
+        first_label -= 1
+    path = line[tokens[0].start():tokens[first_label - 1].end()]
+    return path, [t.group() for t in tokens[first_label:]]
+
+
+def _read_list_file(path, lines, num_ranks):
     paths, labels = [], []
     for row, line in enumerate(lines, start=1):
-        parts = line.split()
-        if not parts:
+        image, values = split_list_line(line)
+        if image is None:
             continue
-        if len(parts) < 2:
-            raise RankDataError(f"{path} line {row}: {line.strip()!r} has no label; list files hold "
-                                f"'path label [label ...]' per line.")
-        paths.append(_resolve(parts[0], image_root))
-        labels.append([_parse_label(v, path, f'line {row}', num_ranks) for v in parts[1:]])
+        if not values:
+            parts = image.split()
+            problem = f"label {parts[-1]!r} is not an integer (or {image!r} has no label)" if len(parts) > 1 \
+                else f"{image!r} has no label"
+            raise RankDataError(f"{path} line {row}: {problem}; list files hold 'path label [label ...]' per line, "
+                                f"the labels being the line's trailing numbers, rank indices 0..{num_ranks - 1}.")
+        paths.append(image)
+        labels.append([_parse_label(v, path, f'line {row}', num_ranks) for v in values])
     return paths, labels
 
 
-def _read_csv(path, sep, img_key, value_key, num_ranks, image_root, require_labels):
+def _read_csv(path, text, sep, img_key, value_key, num_ranks, require_labels):
     import pandas as pd
-    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     needed = (('--csv-img-key', img_key), ('--csv-value-key', value_key))
     for flag, column in needed if require_labels else needed[:1]:
         if column not in df.columns:
             raise RankDataError(f"{path} has no column '{column}' (columns: {list(df.columns)}); ordinal data needs "
                                 f"it: rename the column or pass {flag}.")
-    paths = [_resolve(str(p), image_root) for p in df[img_key].tolist()]
+    refuse_empty(df, path, img_key, 'the image path')
+    paths = [str(p) for p in df[img_key].tolist()]
     if value_key not in df.columns:
         return paths, None
     labels = [[_parse_label(v, path, f'row {i + 2}', num_ranks)] for i, v in enumerate(df[value_key].tolist())]
@@ -98,26 +127,25 @@ def _read_csv(path, sep, img_key, value_key, num_ranks, image_root, require_labe
 
 
 def load_ordinal_table(path, num_ranks: int, img_key='filepath', value_key='value', sep='\t',
-                       image_root: Optional[str] = None, check_files=True, require_labels=True) -> OrdinalTable:
+                       image_root: Optional[str] = None, check_files=True, require_labels=True,
+                       relative_to_table=False) -> OrdinalTable:
     if not os.path.isfile(path):
         raise RankDataError(f"ordinal data file {path} does not exist.")
-    with open(path) as f:
-        lines = f.read().splitlines()
+    base = image_base(path, image_root, relative_to_table)
+    text = read_text(path)
+    lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise RankDataError(f"{path} is empty; it needs one image per line.")
-    header = lines[0].split(sep)
+    header = [name.strip().strip('"') for name in lines[0].split(sep)]
     if img_key in header:
-        paths, labels = _read_csv(path, sep, img_key, value_key, num_ranks, image_root, require_labels)
+        written, labels = _read_csv(path, text, sep, img_key, value_key, num_ranks, require_labels)
     else:
-        paths, labels = _read_list_file(path, lines, num_ranks, image_root)
-    if not paths:
+        written, labels = _read_list_file(path, lines, num_ranks)
+    if not written:
         raise RankDataError(f"{path} has no data rows.")
+    paths = [resolve_image(p, base) for p in written]
     if check_files:
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            hint = '' if image_root else ' (relative paths: pass --image-root, the folder they are relative to)'
-            raise RankDataError(f"{len(missing)} image file(s) listed in {path} do not exist: "
-                                f"{preview(missing)}{hint}.")
+        check_images_exist(written, paths, path, base, relative_to_table)
     return OrdinalTable(paths, labels, num_ranks, str(path))
 
 
@@ -129,6 +157,7 @@ class OrdinalDataset(Dataset):
         self.table, self.transform, self.train = table, transform, train
         self.eval_labels = table.eval_labels()
         self.num_skipped = 0
+        self.load_truncated_images = truncated_images_allowed()
 
     def __len__(self):
         return len(self.table)

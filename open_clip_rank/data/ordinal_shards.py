@@ -1,13 +1,11 @@
 """The 'ordinal' sample type streamed from webdataset shards: each sample's json holds an integer ``value`` (and
 optionally ``labels``, a random one per training step, as the list files); batches as the CSV path's."""
 import functools
-import io
 import math
 import logging
 import random
 
-from PIL import Image
-
+from ..files.images import open_rgb
 from .ordinal_dataset import collate_ordinal_batch
 from .shards import (SkipCounter, check_shards, image_bytes, sample_key, sample_meta, scan_categories, shard_source,
                      skip_sample, train_loader, train_num_samples, val_loader)
@@ -15,8 +13,9 @@ from .shards import (SkipCounter, check_shards, image_bytes, sample_key, sample_
 _logger = logging.getLogger(__name__)
 
 
-def decode_ordinal_samples(src, transform, num_ranks, train, counter=None):
-    """Raw tar samples -> (image, label); a bad label or image is skipped and counted."""
+def decode_ordinal_samples(src, transform, num_ranks, train, counter=None, load_truncated=False):
+    """Raw tar samples -> (image, label); a bad label or image is skipped and counted (a truncated image decodes
+    with ``load_truncated``, ``--load-truncated-images``)."""
     counter = counter or SkipCounter()
     for sample in src:
         try:
@@ -26,8 +25,7 @@ def decode_ordinal_samples(src, transform, num_ranks, train, counter=None):
             if not all(isinstance(v, int) and 0 <= v < num_ranks for v in labels):
                 raise ValueError(f"label(s) {labels} are not integers in [0, {num_ranks})")
             label = random.choice(labels) if train else labels[len(labels) // 2]
-            with Image.open(io.BytesIO(image_bytes(sample))) as image:
-                tensor = transform(image.convert('RGB'))
+            tensor = transform(open_rgb(image_bytes(sample), load_truncated=load_truncated))
         except Exception as err:
             skip_sample(counter, sample_key(sample), err)
             continue
@@ -44,7 +42,7 @@ def get_ordinal_shard_data(args, train_transform, val_transform, num_ranks, epoc
         shared_epoch = SharedEpoch(epoch)
         pipeline = [*shard_source(args.train_data, args, shared_epoch, True),
                     functools.partial(decode_ordinal_samples, transform=train_transform, num_ranks=num_ranks,
-                                      train=True),
+                                      train=True, load_truncated=getattr(args, 'load_truncated_images', False)),
                     wds.batched(args.batch_size, partial=False, collation_fn=collate_ordinal_batch)]
         loader = train_loader(pipeline, args, num_samples)
         data['train'] = DataInfo(loader, shared_epoch=shared_epoch)
@@ -56,7 +54,8 @@ def get_ordinal_shard_data(args, train_transform, val_transform, num_ranks, epoc
         info.num_ranks = num_ranks
         pipeline = [*shard_source(args.val_data, args, None, False),
                     functools.partial(decode_ordinal_samples, transform=val_transform, num_ranks=num_ranks,
-                                      train=False, counter=SkipCounter(where='validation')),
+                                      train=False, counter=SkipCounter(where='validation'),
+                                      load_truncated=getattr(args, 'load_truncated_images', False)),
                     wds.batched(args.batch_size, partial=True, collation_fn=collate_ordinal_batch)]
         data['val'] = RankDataInfo(val_loader(pipeline, args, info.num_samples), table=info, sample_type='ordinal')
     return data

@@ -12,10 +12,10 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from ..registry import SAMPLE_TYPES, resolved_loss
 from .dataset import RankDataset, collate_rank_batch
-from .loaders import DataInfo, RankDataInfo, SharedEpoch, check_model_trains_on
+from .loaders import DataInfo, RankDataInfo, SharedEpoch, check_fills_one_batch, check_model_trains_on
 from .sampler import RankBatchSampler
 from .shards import check_shard_data, uses_shards
-from .table import RankDataError, load_rank_table
+from .table import RankDataError, image_path_options, load_rank_table
 from .transforms import rank_transforms
 
 _logger = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ def add_rank_data_args(parser):
     group = parser.add_argument_group('open_clip_rank: rank data (--csv-dataset-sample-type rank)')
     group.add_argument(
         '--negative-ratio', type=float, default=0.2,
-        help='Share of each rank batch drawn from other categories, captioned with the batch category, target 0.')
+        help='Share of each rank batch drawn from other categories, captioned with the batch category (their '
+             'category word replaced, whole words only), target 0. Above 0, every caption must hold its category as '
+             'a whole word and no value may lie below 0.')
     group.add_argument(
         '--train-with-relevance-score', action='store_true', default=False,
         help='As the original option: each training batch draws a reference value Y in [0, --relevance-max-score); '
@@ -35,7 +37,7 @@ def add_rank_data_args(parser):
     group.add_argument('--relevance-max-score', type=int, default=13,
                        help='Reference values for --train-with-relevance-score are 0..N-1 (the original: 13, counting).')
     group.add_argument('--csv-category-key', type=str, default='cname',
-                       help='CSV column of the category word that appears in the caption.')
+                       help='CSV column of the category word that appears (as a whole word) in the caption.')
     group.add_argument('--csv-weight-key', type=str, default='sample_weights_by_class',
                        help='Optional CSV column of per-row sampling weights within a category.')
 
@@ -61,10 +63,14 @@ def configure_rank_run(args):
 # --- OpenCLIP's get_data --------------------------------------------------------------------------------
 
 def _table_for(args, path, is_train):
+    negatives = is_train and args.negative_ratio > 0
+    # negatives get target 0 (NEGATIVE_TARGET); with --train-with-relevance-score every target is |value - Y| instead
+    relevance = getattr(args, 'train_with_relevance_score', False)
     return load_rank_table(
         path, img_key=args.csv_img_key, caption_key=args.csv_caption_key, value_key=args.csv_value_key,
         category_key=args.csv_category_key, weight_key=args.csv_weight_key, sep=args.csv_separator,
-        require_category=is_train, check_category_in_caption=is_train and args.negative_ratio > 0)
+        require_category=is_train, check_category_in_caption=negatives,
+        check_negative_targets=negatives and not relevance, **image_path_options(args))
 
 
 def _loader(dataset, batch_sampler, args, with_pairs=True, global_pairs=False):
@@ -103,7 +109,9 @@ def check_rank_data(args):
         return
     for path, is_train in ((args.train_data, True), (args.val_data, False)):
         if path:
-            _table_for(args, path, is_train=is_train)
+            table = _table_for(args, path, is_train=is_train)
+            if is_train:
+                check_fills_one_batch(len(table), path, args)
 
 
 def get_rank_data(args, preprocess_fns, epoch=0, tokenizer=None):
@@ -156,7 +164,8 @@ def add_rank_shard_args(parser):
                         help='rank: optional CSV column of per-row sampling weights')
     parser.add_argument('--negative-ratio', type=float, default=0.2,
                         help='rank: the --negative-ratio you will train with (default: training\'s); above 0 every '
-                             'caption must contain its category, as the CSV path checks (negatives re-word it)')
+                             'caption must contain its category as a whole word (negatives re-word it) and no value '
+                             'may lie below 0 (the negatives\' target), as the CSV path checks')
 
 
 def rank_shard_records(args):
@@ -164,7 +173,8 @@ def rank_shard_records(args):
     t = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
                         value_key=args.csv_value_key, category_key=args.csv_category_key,
                         weight_key=args.csv_weight_key, sep=args.csv_separator,
-                        check_category_in_caption=args.negative_ratio > 0)
+                        check_category_in_caption=args.negative_ratio > 0,
+                        check_negative_targets=args.negative_ratio > 0, **image_path_options(args))
     for i, path in enumerate(t.paths):
         meta = {'value': float(t.values[i]), 'category': t.category_names[t.category_ids[i]],
                 'caption': t.captions[i]}
@@ -180,7 +190,8 @@ def read_rank_rows(args, model=None):
     """
     table = load_rank_table(args.csv, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
                             value_key=args.csv_value_key, category_key=args.csv_category_key, weight_key=None,
-                            sep=args.csv_separator, require_category=False, require_value=False, check_files=False)
+                            sep=args.csv_separator, require_category=False, require_value=False, check_files=False,
+                            **image_path_options(args))
     targets = [None] * len(table) if table.values is None else table.values.tolist()
     return [{'image': path, 'prompt': prompt, 'category': table.category_names[c], 'target': target}
             for path, prompt, c, target in zip(table.paths, table.captions, table.category_ids.tolist(), targets)]

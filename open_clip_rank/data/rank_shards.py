@@ -8,19 +8,18 @@ proportion to their share of the stream, not uniformly as the CSV sampler draws 
 OpenCLIP's (``shards.py``).
 """
 import functools
-import io
 import logging
 import math
 import zlib
 from collections import deque
 
 import numpy as np
-from PIL import Image
 
+from ..files.images import open_rgb
 from .dataset import RankDataset, collate_rank_batch
 from .shards import (SkipCounter, check_shards, image_bytes, sample_key, sample_meta, scan_categories, shard_source,
                      skip_sample, train_loader, train_num_samples, val_loader)
-from .table import RankDataError
+from .table import NEGATIVE_TARGET, RankDataError, has_category_word, swap_category
 
 _logger = logging.getLogger(__name__)
 
@@ -33,8 +32,9 @@ def category_id(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7fffffff
 
 
-def decode_rank_samples(src, transform, counter=None, require_category=True):
-    """Raw tar samples -> dicts (image tensor, caption, value, category, weight); bad ones skipped, counted."""
+def decode_rank_samples(src, transform, counter=None, require_category=True, load_truncated=False):
+    """Raw tar samples -> dicts (image tensor, caption, value, category, weight); bad ones skipped, counted.
+    ``load_truncated``: decode truncated images (``--load-truncated-images``) instead of skipping them."""
     counter = counter or SkipCounter()
     for sample in src:
         try:
@@ -43,10 +43,11 @@ def decode_rank_samples(src, transform, counter=None, require_category=True):
             if not math.isfinite(value):
                 raise ValueError(f"value {meta['value']!r} is not finite")
             caption = str(meta['caption'])
-            category = str(meta['category']) if require_category or 'category' in meta else 'all'
+            category = str(meta['category']).strip() if require_category or 'category' in meta else 'all'
+            if not caption.strip() or not category:
+                raise ValueError(f"empty {'caption' if not caption.strip() else 'category'} in its json")
             weight = float(meta.get('weight', 1.0))
-            with Image.open(io.BytesIO(image_bytes(sample))) as image:
-                tensor = transform(image.convert('RGB'))
+            tensor = transform(open_rgb(image_bytes(sample), load_truncated=load_truncated))
         except Exception as err:  # unreadable image, bad json, missing key: skip, count, keep going
             skip_sample(counter, sample_key(sample), err)
             continue
@@ -127,7 +128,7 @@ class RankBuckets:
         return taken
 
     def _batch(self, rng, category, bucket, pool, weighted, final=False):
-        others = [s for s in pool if s['category'] != category and s['category'] in s['caption']]
+        others = [s for s in pool if s['category'] != category and has_category_word(s['caption'], s['category'])]
         count = min(self.num_positives, len(bucket))
         num_negatives = self.batch_size - count
         if num_negatives and not others:
@@ -144,7 +145,7 @@ class RankBuckets:
         rows = [(s['image'], s['caption'], s['value'], cid) for s in positives]
         for i in picks:
             s = others[int(i)]
-            rows.append((s['image'], s['caption'].replace(s['category'], category), 0.0, cid))
+            rows.append((s['image'], swap_category(s['caption'], s['category'], category), NEGATIVE_TARGET, cid))
         samples = []
         for i in rng.permutation(len(rows)):
             image, caption, target, c = rows[int(i)]
@@ -154,8 +155,8 @@ class RankBuckets:
         return collate_rank_batch(samples, with_pairs=self.with_pairs)
 
 
-def _val_rank_samples(src, transform, tokenizer, index, counter):
-    for s in decode_rank_samples(src, transform, counter, require_category=False):
+def _val_rank_samples(src, transform, tokenizer, index, counter, load_truncated=False):
+    for s in decode_rank_samples(src, transform, counter, require_category=False, load_truncated=load_truncated):
         yield s['image'], tokenizer([s['caption']])[0], s['value'], index.get(s['category'], 0)
 
 
@@ -175,7 +176,8 @@ def get_rank_shard_data(args, train_transform, val_transform, tokenizer, epoch, 
                               shared_epoch=shared_epoch, rank=args.rank, with_pairs=with_pairs,
                               relevance_max=relevance_max)
         pipeline = [*shard_source(args.train_data, args, shared_epoch, True),
-                    functools.partial(decode_rank_samples, transform=train_transform), buckets]
+                    functools.partial(decode_rank_samples, transform=train_transform,
+                                      load_truncated=getattr(args, 'load_truncated_images', False)), buckets]
         loader = train_loader(pipeline, args, num_samples)
         data['train'] = DataInfo(loader, shared_epoch=shared_epoch)
         _logger.info(f"Rank training data from shards: {num_samples} samples, {loader.num_batches} batches of "
@@ -187,7 +189,8 @@ def get_rank_shard_data(args, train_transform, val_transform, tokenizer, epoch, 
         index = {name: i for i, name in enumerate(table.category_names)}
         pipeline = [*shard_source(args.val_data, args, None, False),
                     functools.partial(_val_rank_samples, transform=val_transform, tokenizer=tokenizer, index=index,
-                                      counter=SkipCounter(where='validation')),
+                                      counter=SkipCounter(where='validation'),
+                                      load_truncated=getattr(args, 'load_truncated_images', False)),
                     wds.batched(args.batch_size, partial=True,
                                 collation_fn=functools.partial(collate_rank_batch, with_pairs=False))]
         data['val'] = RankDataInfo(val_loader(pipeline, args, table.num_samples), table=table, sample_type='rank')

@@ -78,7 +78,14 @@ def sample_meta(sample) -> dict:
 
 
 def sample_key(sample):
-    return f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
+    """'<key> in <shard>', plus the image file it was made from when its json names it (``make_shards`` writes
+    ``source_path``)."""
+    where = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
+    try:
+        source = json.loads(sample['json']).get('source_path')
+    except Exception:  # noqa: BLE001 - no json, or a damaged one: the key and shard alone
+        source = None
+    return f"{where} (from {source})" if source else where
 
 
 # --- shard lists and sizes --------------------------------------------------------------------------

@@ -224,7 +224,9 @@ def _all_metrics(x, y):
         'plcc': plcc(x, y),
         'mae': mae(x, y),
         'pair_acc': acc,
-        'pair_acc_official': official_pairwise_accuracy(x, y) if len(x) else _NAN,
+        # no pairs (one row), or a NaN: undefined like the others, so the mean over categories leaves it out
+        # (the official formula alone would give a lone image's category 1.0: its diagonal pair always agrees)
+        'pair_acc_official': _NAN if _degenerate(x, y) else official_pairwise_accuracy(x, y),
     }
 
 
@@ -232,6 +234,18 @@ def _nanmean(values):
     """Mean of the non-nan values; nan if there are none (np.nanmean would warn)."""
     finite = [v for v in values if not math.isnan(v)]
     return float(sum(finite) / len(finite)) if finite else _NAN
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, inf: undefined metrics) replaced by None, recursively through
+    dicts, lists and tuples, so ``json.dump(..., allow_nan=False)`` writes valid JSON (null), not ``NaN``."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def _category_names(categories, n):
@@ -249,7 +263,8 @@ def ranking_metrics(preds, targets, categories=None) -> dict:
 
     Ranking is judged within a category (scores of different prompts are not comparable), so each
     metric is computed per category (``'{category}/{metric}'``, categories sorted by name) and the
-    headline ``'{metric}'`` is the mean over categories, skipping categories where it is undefined.
+    headline ``'{metric}'`` is the mean over categories, skipping categories where it is undefined (nan:
+    every metric but MAE in a one-row category, which has no pairs; nan when no category defines it).
     ``categories=None`` treats everything as one category named ``'all'``.
     """
     x, y = _pair(preds, targets)

@@ -4,6 +4,7 @@ MAE and accuracy by expectation and by argmax (the official runner's ``mae_{exp,
 learned prototypes' ordinality, and two pictures (prototype similarity, predicted vs true): per validation under
 ``logs/<name>/plots/``, and from the rank CLI with ``--plots DIR``.
 """
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from ..models.base import unwrap
 from ..pictures.heatmaps import confusion_png, heatmap_png
 from .metrics import as_array, check_lengths
 from .validation import inference_setup, plots_folder
+
+_logger = logging.getLogger(__name__)
 
 
 def ordinal_metrics(expected, argmax, labels) -> dict:
@@ -77,7 +80,16 @@ def predict_ordinal(model, dataloader, device, autocast, input_dtype=None):
 def ordinal_validation(model, info, args, epoch=None) -> dict:
     device, autocast, input_dtype = inference_setup(model, args)
     expected, argmax, labels = predict_ordinal(model, info.dataloader, device, autocast, input_dtype)
+    finite = torch.isfinite(expected)  # as in the rank CLI: a non-finite prediction takes no part, counted
+    dropped = int((~finite).sum())
+    if dropped:
+        expected, argmax, labels = expected[finite], argmax[finite], labels[finite]
+        _logger.warning(f"Validation: {dropped} image(s) with a non-finite expected rank left out of the metrics: "
+                        f"the model's weights or inputs produce non-finite values (fp16 overflow under --precision "
+                        f"{getattr(args, 'precision', '?')}, diverged training).")
     metrics = ordinal_metrics(expected.numpy(), argmax.numpy(), labels.numpy())
+    if dropped:
+        metrics['num_non_finite'] = float(dropped)
     with torch.inference_mode():
         prototypes = unwrap(model).rank_prototypes().float().cpu().numpy()
     metrics['ordinality'] = prototype_ordinality(prototypes)
@@ -103,7 +115,8 @@ def ordinal_report(args, model, rows) -> dict:
     report = {}
     prototypes = model.rank_prototypes().float().cpu().numpy()
     report['ordinality'] = prototype_ordinality(prototypes)
-    labelled = [r for r in rows if r['target'] is not None and r.get('expected_rank') == r.get('expected_rank')]
+    labelled = [r for r in rows if r['target'] is not None and r.get('skipped') is None  # skipped: no prediction
+                and r.get('expected_rank') is not None and np.isfinite(r['expected_rank'])]
     if labelled:
         report['metrics'] = ordinal_metrics([r['expected_rank'] for r in labelled],
                                             [r['predicted_rank'] for r in labelled], [r['target'] for r in labelled])

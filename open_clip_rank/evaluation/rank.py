@@ -2,11 +2,15 @@
 
 Per-category and mean SRCC, KRCC, PLCC, MAE and pairwise accuracy of ``rank_scores`` (``metrics.py``).
 """
+import logging
+
 import torch
 
 from ..models.base import unwrap
 from .metrics import METRIC_NAMES, format_metrics_table, ranking_metrics, round_predictions
 from .validation import inference_setup
+
+_logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -29,11 +33,25 @@ def predict(model, dataloader, device, autocast, input_dtype=None):
 
 
 def ranking_validation(model, info, args, epoch=None) -> dict:
-    """Per-category and mean ranking metrics of the model's scores on the validation set."""
+    """Per-category and mean ranking metrics of the model's scores on the validation set.
+
+    Non-finite scores take no part, as in the rank CLI (``compute_metrics``): they are counted
+    (``num_non_finite``) and logged, never ranked.
+    """
     device, autocast, input_dtype = inference_setup(model, args)
     scores, targets, category_ids = predict(model, info.dataloader, device, autocast, input_dtype)
+    finite = torch.isfinite(scores)
+    dropped = int((~finite).sum())
+    if dropped:
+        scores, targets, category_ids = scores[finite], targets[finite], category_ids[finite]
+        _logger.warning(f"Validation: {dropped} image(s) with a non-finite score left out of the metrics: the "
+                        f"model's weights or inputs produce non-finite values (fp16 overflow under "
+                        f"--precision {getattr(args, 'precision', '?')}, diverged training).")
     names = info.table.category_names
-    return ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
+    metrics = ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
+    if dropped:
+        metrics['num_non_finite'] = float(dropped)
+    return metrics
 
 
 # --- the rank CLI ---------------------------------------------------------------------------------------

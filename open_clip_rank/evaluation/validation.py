@@ -34,10 +34,16 @@ def evaluate_ranking(model, data, epoch, args, tb_writer=None, other_metrics=Non
         metrics.update(registry.SAMPLE_TYPES[info.sample_type].validate(model, info, args, epoch=epoch))
     if not metrics:
         return metrics
-    metrics = {'epoch': epoch, **metrics}
-    _logger.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    # the precision the model ran at: metrics at 'amp' differ from 'fp32' ones (the rank CLI records it too)
+    metrics = {'epoch': epoch, **metrics, 'precision': getattr(args, 'precision', None)}
+    _logger.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" if _is_number(v) else f"{k}: {v}"
+                                                     for k, v in metrics.items()))
     _report(metrics, epoch, args, tb_writer)
     return metrics
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def inference_setup(model, args):
@@ -55,13 +61,14 @@ def plots_folder(args):
 
 
 def _report(metrics, epoch, args, tb_writer):
-    log_data = {f'val/{name}': value for name, value in metrics.items()}
+    from .metrics import json_safe
+    log_data = {f'val/{name}': value for name, value in metrics.items() if _is_number(value)}  # scalars only
     if args.save_logs:
         if tb_writer is not None:
             for name, value in log_data.items():
                 tb_writer.add_scalar(name, value, epoch)
-        with open(os.path.join(args.checkpoint_path, 'results.jsonl'), 'a+') as f:
-            f.write(json.dumps(metrics) + '\n')
+        with open(os.path.join(args.checkpoint_path, 'results.jsonl'), 'a+') as f:  # undefined metrics: null
+            f.write(json.dumps(json_safe(metrics), allow_nan=False) + '\n')
     if args.wandb:
         import wandb
         wandb.log({**log_data, 'epoch': epoch})

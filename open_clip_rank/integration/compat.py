@@ -243,11 +243,16 @@ def fix_zero_shot_accuracy(module) -> bool:
 
 # --- torch ---------------------------------------------------------------------------------------
 
-def launch_world_size() -> int:
-    """The number of processes the launcher (torchrun, SLURM, MPI) started, read from the environment by OpenCLIP's
-    own rule (``world_info_from_env``), before ``init_distributed_device`` has run."""
+def launch_ranks():
+    """(local rank, global rank, world size) of this process as the launcher (torchrun, SLURM, MPI) set them in the
+    environment, read by OpenCLIP's own rule (``world_info_from_env``)."""
     from open_clip_train.distributed import world_info_from_env
-    return world_info_from_env()[2]
+    return world_info_from_env()
+
+
+def launch_world_size() -> int:
+    """The number of processes the launcher started, before ``init_distributed_device`` has run."""
+    return launch_ranks()[2]
 
 
 def allow_cpu_ddp_device_ids() -> None:

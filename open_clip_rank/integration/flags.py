@@ -45,8 +45,19 @@ def add_plugin_args(parser: argparse.ArgumentParser):
             f"models" for t in registry.SAMPLE_TYPES.values()) + " (docs/data.md describes each format).")
     group.add_argument('--csv-value-key', type=str, default='value', help='CSV column of the ranking target.')
     group.add_argument('--image-root', type=str, default=None,
-                       help='Folder that relative image paths of ordinal data resolve against (the official '
-                            'images_root). Default: the current directory.')
+                       help="Folder that relative image paths of the plugin's CSVs and list files (--train-data, "
+                            "--val-data; every --csv-dataset-sample-type but 'default') resolve against (the "
+                            "official OrdinalCLIP images_root). Default: the current directory.")
+    group.add_argument('--csv-relative-paths', action='store_true', default=False,
+                       help="Relative image paths of the plugin's CSVs and list files resolve against the folder of "
+                            "the file that lists them (as the original RankCLIP reads its CSVs) instead of the "
+                            "current directory. Not with --image-root.")
+    group.add_argument('--load-truncated-images', action='store_true', default=False,
+                       help="Decode truncated image files with what they hold (as the original RankingAwareCLIP "
+                            "code sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES) instead of skipping them as "
+                            "unreadable, for every --csv-dataset-sample-type: the plugin's data per image, "
+                            "OpenCLIP's own loaders ('default' data, zero-shot ImageNet) through PIL's "
+                            "process-wide setting. Default: off.")
     for hook in registry.all_hooks('add_args'):
         import_function(hook)(parser)
     return parser
@@ -68,13 +79,27 @@ def check_plugin_args(args) -> None:
         given = f"--loss-opt {loss.name}" if args.loss_opt else f"--model {args.model} (default loss {loss.name})"
         raise ValueError(f"{given} trains on targets: add --dataset-type csv "
                          f"--csv-dataset-sample-type {loss.sample_type} (CSV with a '{args.csv_value_key}' column).")
+    image_root, relative = getattr(args, 'image_root', None), getattr(args, 'csv_relative_paths', False)
+    if image_root and relative:
+        raise ValueError("--image-root and --csv-relative-paths both say where relative image paths resolve: "
+                         "give one of them.")
+    path_flag = '--image-root' if image_root else '--csv-relative-paths' if relative else None
+    if path_flag and sample_type == 'default':
+        raise ValueError(f"{path_flag} applies to the plugin's data (--csv-dataset-sample-type "
+                         f"{' / '.join(registry.SAMPLE_TYPES)}); OpenCLIP's own CSV data reads image paths as "
+                         f"written: drop {path_flag} or make the paths absolute.")
     for hook in registry.all_hooks('check_args'):
         import_function(hook)(args)
 
 
 def configure_run(args) -> None:
     """The run policy the registered families and sample types set from checked args (e.g. the adapter's tower
-    lock, DDP's static graph for rank data): read by their code later in the run."""
+    lock, DDP's static graph for rank data): read by their code later in the run. ``--load-truncated-images``
+    also sets PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` for OpenCLIP's own loaders (inherited by
+    forked data workers); the plugin's datasets carry the flag themselves."""
+    if getattr(args, 'load_truncated_images', False):
+        from PIL import ImageFile
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
     for hook in registry.all_hooks('configure'):
         import_function(hook)(args)
 

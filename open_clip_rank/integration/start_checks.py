@@ -228,8 +228,8 @@ def check_training_start(args):
     _check_resume(args)
     _check_new_experiment(args)
     _check_weights_fit(args)
+    _check_family_start(args)  # the model's own refusals of these flags first, then the data
     _check_data(args)
-    _check_family_start(args)
 
 
 def start_training_run(args):

@@ -5,6 +5,7 @@ from typing import Dict, List
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files.atomic import atomic_write
+from ..files.images import open_rgb
 
 THUMB = 96
 PAD = 6
@@ -34,11 +35,11 @@ def sheet_size(counts: List[int], columns: int = COLUMNS, thumb: int = THUMB):
 
 
 def _thumbnail(path, thumb):
+    """The image as ranked (``open_rgb``: oriented, 8-bit RGB), or a crossed grey square when it does not read."""
     try:
-        with Image.open(path) as image:
-            image = image.convert('RGB')
-            image.thumbnail((thumb, thumb))
-            return image
+        image = open_rgb(path)
+        image.thumbnail((thumb, thumb))
+        return image
     except Exception:
         placeholder = Image.new('RGB', (thumb, thumb), (200, 200, 200))
         ImageDraw.Draw(placeholder).line([(0, 0), (thumb, thumb)], fill=(150, 0, 0), width=2)

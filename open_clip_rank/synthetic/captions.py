@@ -84,7 +84,8 @@ def zero_shot_accuracy(model, preprocess, tokenizer, val_csv: str,
     """Top-1 zero-shot accuracy on the labelled held-out split: class prompts (mean of the templates'
     normalised text features) against each image's features."""
     import torch
-    from PIL import Image
+
+    from ..files.images import open_rgb
     rows = read_labelled(val_csv)
     model.eval()
     with torch.no_grad():
@@ -94,7 +95,7 @@ def zero_shot_accuracy(model, preprocess, tokenizer, val_csv: str,
         correct = 0
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            images = torch.stack([preprocess(Image.open(p).convert('RGB')) for p, _ in chunk])
+            images = torch.stack([preprocess(open_rgb(p)) for p, _ in chunk])
             predicted = (model.encode_image(images, normalize=True) @ text.T).argmax(dim=1)
             correct += sum(int(p) == label for p, (_, label) in zip(predicted.tolist(), chunk))
     return correct / len(rows)
