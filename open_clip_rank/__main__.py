@@ -6,6 +6,8 @@ COMMANDS = (
     ('train', 'OpenCLIP\'s training entry point with the plugin applied (as python -m open_clip_train.main)'),
     ('rank', 'rank images (a folder, or a CSV of the model\'s data) with a trained rank model; metrics with ground '
              'truth'),
+    ('select', 'keep the best-scored samples of a rank score folder (threshold / top fraction): kept keys, '
+               'DataComp uids, new shards; a score-bucket picture to decide where to cut'),
     ('make_shards', 'convert training data into webdataset shards for --dataset-type webdataset'),
     ('prepare_datasets', 'turn a downloaded copy of one of the papers\' datasets into rank CSVs'),
 )

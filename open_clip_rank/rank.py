@@ -18,10 +18,13 @@ Everything family-specific comes from the registry (the sample type's ``read_row
 flags) and the rank-model protocol, never from a family's modules.
 """
 import argparse
+import contextlib
 import csv
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import registry
@@ -39,8 +42,17 @@ def build_parser():
     src.add_argument('--data-to-inference', '--csv', dest='csv', type=str, default=None,
                      help='CSV in the training format of the model\'s data (adapter: filepath, title, cname[, value]).')
     src.add_argument('--images', type=str, default=None, help='Folder of images (searched recursively).')
+    src.add_argument('--shards', type=str, default=None,
+                     help='Webdataset shards, read as OpenCLIP reads them (brace-expanded, local, pipe: and other '
+                          'URLs, "::" between lists), e.g. "/data/{00000..00999}.tar". Needs --output-dir.')
     src.add_argument('--prompt', action='append', default=None,
-                     help='Instruction for --images; repeat for several (each image is scored under each).')
+                     help='Instruction for --images / --shards; repeat for several (each image is scored under each).')
+    src.add_argument('--shard-image-key', type=str, default=None,
+                     help='Shard entry holding the image. Default: the first of jpg, jpeg, png, webp.')
+    src.add_argument('--shard-prompt-key', type=str, default=None,
+                     help='Key of each shard sample\'s json holding its own instruction (instead of --prompt).')
+    src.add_argument('--shard-keep-keys', type=str, nargs='*', default=None,
+                     help='Keys of each shard sample\'s json copied into the score files (e.g. uid, url, target).')
     src.add_argument('--image-root', type=str, default=None,
                      help='Folder that relative image paths of --csv (a CSV or list file) resolve against. '
                           'Default: the current directory.')
@@ -61,8 +73,17 @@ def build_parser():
                           'weights under autocast, as OpenCLIP\'s training and validation run them (its default, '
                           'amp, gives the validation metrics of results.jsonl).')
     out = p.add_argument_group('output')
-    out.add_argument('--output-path', type=str, default='rank-results',
-                     help='Writes <output-path>.csv and, with ground truth, <output-path>.json.')
+    out.add_argument('--output-path', type=str, default=None,
+                     help='Writes <output-path>.csv (every image ranked per prompt) and <output-path>.json (skipped '
+                          'images, metrics with ground truth). Default: rank-results, unless --output-dir is given.')
+    out.add_argument('--output-dir', type=str, default=None,
+                     help='Score folder: one Parquet file per partition (a shard, or --partition-size files / rows), '
+                          'each written atomically, plus manifest.json; a rerun does only what is missing, under '
+                          'torchrun each process scores its share. Memory stays flat in the number of images.')
+    out.add_argument('--partition-size', type=int, default=10_000,
+                     help='Images (folder) or rows (CSV) per partition of --output-dir.')
+    out.add_argument('--workers', type=int, default=2,
+                     help='DataLoader worker processes decoding and resizing images (0: in the main process).')
     out.add_argument('--round', action='store_true', help='Round scores to integers before metrics (ordinal targets).')
     out.add_argument('--pairwise', action='store_true',
                      help='Also rank each prompt\'s set with the pair head (mean pairwise win probability).')
@@ -90,14 +111,6 @@ def build_parser():
     return p
 
 
-def folder_rows(args, prompts):
-    """Every image under ``--images`` under each prompt (one empty prompt for models with learned prompts)."""
-    from .files.images import find_images
-    images = find_images(args.images, flag='--images')
-    return [{'image': image, 'prompt': prompt, 'category': prompt, 'target': None}
-            for prompt in prompts for image in images]
-
-
 def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
     """Rank 1 = highest ``key`` within each ``group``; rows without a finite score (skipped images) get no rank."""
     import math
@@ -117,62 +130,12 @@ def rank_within_prompts(rows, key='score', out='rank', group='prompt'):
             rows[i][out] = rank
 
 
-def score_prompted(args, model, rows, transform, tokenizer):
-    """Models ranking by an instruction: each row's score under its prompt; -> skipped [(image, reason)]."""
-    from .inference import pairwise_scores, score_images, score_rows
-    progress = not args.no_progress
-    if args.csv:
-        scores, skipped = score_rows(model, [r['image'] for r in rows], [r['prompt'] for r in rows], transform,
-                                     tokenizer, batch_size=args.batch_size, progress=progress)
-        for r, s in zip(rows, scores.tolist()):
-            r['score'] = s
-        skipped = [(rows[i]['image'], why) for i, why in skipped]
-    else:  # a folder: each image decoded and through the tower once, scored under every prompt
-        images = list(dict.fromkeys(r['image'] for r in rows))
-        scores, skipped = score_images(model, images, args.prompt, transform, tokenizer,
-                                       batch_size=args.batch_size, progress=progress)
-        for t, prompt in enumerate(args.prompt):
-            for i, r in enumerate(rows[t * len(images):(t + 1) * len(images)]):
-                r['score'] = scores[i, t].item()
-        skipped = [(images[i], why) for i, why in skipped]
-    mark_skipped(rows, skipped)
-    if args.pairwise:
-        for prompt in dict.fromkeys(r['prompt'] for r in rows):
-            members = [r for r in rows if r['prompt'] == prompt and r['skipped'] is None]
-            pair, pair_skipped = pairwise_scores(model, [r['image'] for r in members], prompt, transform, tokenizer,
-                                                 batch_size=args.batch_size, progress=progress)
-            for r, s in zip(members, pair.tolist()):
-                r['pairwise_score'] = s
-            skipped += [(members[i]['image'], why) for i, why in pair_skipped]  # non-finite pair head outputs
-        mark_skipped(rows, skipped)
-    return skipped
-
-
-def score_learned_prompts(args, model, rows, transform):
-    """Models without instructions: every per-image prediction as a column. -> (skipped, extras)."""
-    from .inference import predict_images
-    images = [r['image'] for r in rows]
-    outputs, skipped = predict_images(model, images, transform, batch_size=args.batch_size,
-                                      progress=not args.no_progress)
-    for name, values in outputs.items():
-        if values.ndim == 1:
-            for r, v in zip(rows, values.tolist()):
-                r[name] = v
-    probs = outputs.get('probs') if args.probabilities else None
-    reasons = dict(skipped)  # a skipped image's probabilities are None (unreadable, or non-finite)
-    extras = {'probabilities': [{'image': r['image'], 'probs': None if i in reasons else p}
-                                for i, (r, p) in enumerate(zip(rows, probs.tolist()))]} if probs is not None else {}
-    skipped = [(images[i], why) for i, why in skipped]
-    mark_skipped(rows, skipped)
-    return skipped, extras
-
-
 def mark_skipped(rows, skipped):
     """Rows of skipped images (unreadable, or a non-finite prediction) keep their reason under 'skipped' and lose
     their predictions: never ranked."""
     reasons = dict(skipped)
     for r in rows:
-        r['skipped'] = reasons.get(r['image'])
+        r['skipped'] = r.get('skipped') or reasons.get(r['image'])
         if r['skipped'] is not None:
             for key in r.keys() - {'image', 'prompt', 'category', 'target', 'skipped'}:
                 r[key] = None
@@ -193,16 +156,39 @@ def write_results(rows, path, pairwise):
             writer.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in columns})
 
 
-def score(args, model, transform, tokenizer):
-    """-> (rows, skipped, extras): the input read (the model's sample type reads CSVs) and scored."""
-    task = registry.sample_type_of_model(model)
-    if args.csv:
-        rows = registry.import_function(task.read_rows)(args, model)
-    else:
-        rows = folder_rows(args, args.prompt if model.needs_prompt else [''])
-    if model.needs_prompt:
-        return rows, score_prompted(args, model, rows, transform, tokenizer), {}
-    skipped, extras = score_learned_prompts(args, model, rows, transform)
+def add_pairwise_scores(args, model, rows, transform, tokenizer):
+    """``--pairwise``: each prompt's ranked images again through the pair head (mean pairwise win probability);
+    images whose pair-head outputs are non-finite join the skipped."""
+    from .inference import pairwise_scores
+    skipped = []
+    for prompt in dict.fromkeys(r['prompt'] for r in rows):
+        members = [r for r in rows if r['prompt'] == prompt and r['skipped'] is None]
+        pair, pair_skipped = pairwise_scores(model, [r['image'] for r in members], prompt, transform, tokenizer,
+                                             batch_size=args.batch_size, progress=not args.no_progress)
+        for r, s in zip(members, pair.tolist()):
+            r['pairwise_score'] = s
+        skipped += [(members[i]['image'], why) for i, why in pair_skipped]
+    return skipped
+
+
+def score(args, model, transform, tokenizer, folder, launch):
+    """Score the input into ``folder`` (this process's share, ``scoring/job.py``). On the main process ->
+    (rows, skipped [(image, reason)], extras) read back from the finished folder; elsewhere None."""
+    from .scoring.job import rows_from_folder, run_job
+    plan, _ = run_job(args, model, transform, tokenizer, folder, launch)
+    if not launch.is_main:
+        return None
+    rows = rows_from_folder(folder, plan)
+    extras = {}
+    if args.probabilities and any('probs' in r for r in rows):
+        extras['probabilities'] = [{'image': r['image'], 'probs': r.get('probs')} for r in rows]
+    for r in rows:
+        r.pop('probs', None)  # not a CSV column
+    skipped = list(dict.fromkeys((r['image'], r['skipped']) for r in rows if r['skipped'] is not None))
+    if args.pairwise:
+        more = add_pairwise_scores(args, model, rows, transform, tokenizer)
+        mark_skipped(rows, more)
+        skipped += more
     return rows, skipped, extras
 
 
@@ -244,6 +230,10 @@ def check_writable(path, flag, is_file=True):
 
 def check_outputs(args):
     """Every output location of this run writable (``check_writable``), before anything is loaded or scored."""
+    if args.output_dir:
+        check_writable(Path(args.output_dir) / 'manifest.json', '--output-dir')
+    if args.output_path is None:
+        return
     output = Path(args.output_path)
     check_writable(output, '--output-path', is_file=False)  # a prefix: <output-path>.csv and .json
     for suffix in ('.csv', '.json'):
@@ -276,45 +266,110 @@ def main(argv=None):
         return _main(args)
 
 
+def check_inputs(args):
+    """The flags alone (before the model loads): one line each (ValueError)."""
+    if sum(bool(x) for x in (args.csv, args.images, args.shards)) != 1:
+        raise ValueError("give exactly one input: --data-to-inference/--csv CSV, --images FOLDER or --shards URL.")
+    if args.csv and (args.image_root or args.csv_relative_paths):
+        from .data.table import image_base
+        image_base(args.csv, args.image_root, args.csv_relative_paths)
+    if args.prompt and any(not p.strip() for p in args.prompt):
+        raise ValueError("--prompt is empty: give the instruction to rank by, e.g. --prompt \"Rank the numbers "
+                         "of horse.\".")
+    if args.shards and not args.output_dir:
+        raise ValueError("--shards writes a score folder: add --output-dir DIR (one Parquet file per shard).")
+    if args.shards and (args.pairwise or args.contact_sheet):
+        raise ValueError("--pairwise and --contact-sheet read images by path: rank --images or --csv for them, "
+                         "not --shards.")
+    if args.prompt and args.shard_prompt_key:
+        raise ValueError("give either --prompt (every image under each) or --shard-prompt-key (each sample's own "
+                         "instruction), not both.")
+    if args.workers < 0 or args.partition_size < 1:
+        raise ValueError(f"--workers must be >= 0 and --partition-size >= 1 (got {args.workers}, "
+                         f"{args.partition_size}).")
+    if args.output_dir is None and args.output_path is None:
+        args.output_path = 'rank-results'  # today's outputs, scored through a temporary folder
+    if args.output_path is None and (args.pairwise or args.contact_sheet):
+        raise ValueError("--pairwise and --contact-sheet write beside the ranked CSV: add --output-path PREFIX.")
+
+
 def _main(args):
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
     from .integration.compat import quiet_torch_loggers
+    from .scoring.job import launch_from_env
     quiet_torch_loggers()  # root INFO must not pass torch's internal reports
+    launch = launch_from_env()  # under torchrun: this process's rank and share
     try:
-        if bool(args.csv) == bool(args.images):
-            raise ValueError("give exactly one input: --data-to-inference/--csv CSV or --images FOLDER.")
-        if args.csv and (args.image_root or args.csv_relative_paths):
-            from .data.table import image_base
-            image_base(args.csv, args.image_root, args.csv_relative_paths)  # refused before the model loads
-        if args.prompt and any(not p.strip() for p in args.prompt):
-            raise ValueError("--prompt is empty: give the instruction to rank by, e.g. --prompt \"Rank the numbers "
-                             "of horse.\".")
+        check_inputs(args)
         check_outputs(args)  # an unwritable output fails now, not after scoring everything
-        from .inference import load_prototypes, load_rank_model
-        model, transform, tokenizer = load_rank_model(args.model, args.config_path, args.checkpoint_path,
-                                                      device=args.device, precision=args.precision,
-                                                      random_weights=args.random_weights)
-        if args.prototypes:
-            load_prototypes(model, args.prototypes)
-        check_request(args, model)
-        if args.export_prototypes:
-            from .inference import export_prototypes
-            export_prototypes(model, args.export_prototypes)
-            _logger.info(f"Prototypes: {args.export_prototypes}")
-        rows, skipped, extras = score(args, model, transform, tokenizer)
+        model, transform, tokenizer = _load_model(args, launch)
     except (ValueError, FileNotFoundError) as err:
         print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # a kernel this torch lacks for the dtype on this device (e.g. fp16 on a CPU)
-        if 'not implemented for' not in str(err) or args.precision == 'fp32':
-            raise
-        print(f"open_clip_rank.rank: error: --precision {args.precision} is not supported here by torch "
-              f"({str(err).splitlines()[0]}): use --precision bf16 or fp32 on a CPU, or a GPU (--device cuda).",
-              file=sys.stderr)
-        return 2
+    with _score_folder(args) as folder:
+        try:
+            result = score(args, model, transform, tokenizer, folder, launch)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:  # a kernel this torch lacks for the dtype on this device (e.g. fp16 on a CPU)
+            if 'not implemented for' not in str(err) or args.precision == 'fp32':
+                raise
+            print(f"open_clip_rank.rank: error: --precision {args.precision} is not supported here by torch "
+                  f"({str(err).splitlines()[0]}): use --precision bf16 or fp32 on a CPU, or a GPU (--device cuda).",
+                  file=sys.stderr)
+            return 2
+        finally:
+            from .scoring.job import end_process_group
+            end_process_group(launch)
+        if result is None:  # not the main process: its share is on disk
+            return 0
+        return _report(args, model, *result)
+
+
+def _load_model(args, launch):
+    from .inference import load_prototypes, load_rank_model
+    device = args.device
+    if device is None and launch.world_size > 1:
+        import torch
+        device = f'cuda:{launch.local_rank}' if torch.cuda.is_available() else 'cpu'  # one GPU per process
+    model, transform, tokenizer = load_rank_model(args.model, args.config_path, args.checkpoint_path, device=device,
+                                                  precision=args.precision, random_weights=args.random_weights)
+    if args.prototypes:
+        load_prototypes(model, args.prototypes)
+    check_request(args, model)
+    if args.shards and model.needs_prompt and not (args.prompt or args.shard_prompt_key):
+        raise ValueError("--shards needs --prompt \"Rank the ...\" or --shard-prompt-key KEY (each sample's own "
+                         "instruction in its json).")
+    if args.export_prototypes and launch.is_main:
+        from .inference import export_prototypes
+        export_prototypes(model, args.export_prototypes)
+        _logger.info(f"Prototypes: {args.export_prototypes}")
+    from .scoring.job import start_process_group
+    start_process_group(launch)
+    return model, transform, tokenizer
+
+
+@contextlib.contextmanager
+def _score_folder(args):
+    """``--output-dir``, or a temporary score folder for today's small outputs (removed afterwards)."""
+    if args.output_dir:
+        yield args.output_dir
+        return
+    with tempfile.TemporaryDirectory(prefix='open_clip_rank-scores-') as folder:
+        yield folder
+
+
+def _report(args, model, rows, skipped, extras):
+    """The main process's outputs: <output>.csv/.json (and metrics) from the finished score folder."""
     if not any(r['skipped'] is None for r in rows):
         print(f"open_clip_rank.rank: error: {nothing_ranked(skipped)}", file=sys.stderr)
         return 1
+    if args.output_path is None:
+        _logger.info(f"Scores: {args.output_dir} ({sum(r['skipped'] is None for r in rows)} rows, "
+                     f"{len(skipped)} skipped)")
+        _write_folder_metrics(args, model, rows)
+        return 0
     rank_within_prompts(rows)
     if args.pairwise:
         rank_within_prompts(rows, key='pairwise_score', out='pairwise_rank')
@@ -325,6 +380,20 @@ def _main(args):
               f"choose another --output-path.", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_folder_metrics(args, model, rows):
+    """With ground truth in the score files, the sample type's metrics as ``DIR/metrics.json``."""
+    task = registry.sample_type_of_model(model)
+    if not task.report or not any(r.get('target') is not None for r in rows):
+        return
+    from .evaluation.metrics import json_safe
+    from .files.atomic import atomic_write
+    report = {'precision': args.precision, **registry.import_function(task.report)(args, model, rows)}
+    path = os.path.join(args.output_dir, 'metrics.json')
+    with atomic_write(path, 'w') as f:
+        json.dump(json_safe(report), f, indent=2, allow_nan=False)
+    _logger.info(f"Metrics: {path}")
 
 
 def write_outputs(args, model, rows, skipped, extras):

@@ -223,3 +223,18 @@ def test_sample_types_are_one_registry_entry_each(monkeypatch):
                               custom_text_class='B', default_loss='single-head', sample_types=('pairs',))
     with pytest.raises(ValueError, match=r"unregistered sample type\(s\) \['pairs'\]"):
         registry.register_family(new)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize('env', [{}, {'LOCAL_RANK': '1', 'RANK': '3', 'WORLD_SIZE': '4'},
+                                 {'SLURM_LOCALID': '0', 'SLURM_PROCID': '5', 'SLURM_NTASKS': '8'},
+                                 {'PMI_RANK': '2', 'PMI_SIZE': '3', 'SLURM_NTASKS': '9'},
+                                 {'OMPI_COMM_WORLD_LOCAL_RANK': '1', 'OMPI_COMM_WORLD_RANK': '1',
+                                  'OMPI_COMM_WORLD_SIZE': '2'}])
+def test_launch_ranks_read_the_environment_as_openclip_does(monkeypatch, env):
+    for names in compat.LAUNCH_VARIABLES:
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert compat.launch_ranks() == open_clip_train.distributed.world_info_from_env()

@@ -243,11 +243,21 @@ def fix_zero_shot_accuracy(module) -> bool:
 
 # --- torch ---------------------------------------------------------------------------------------
 
+# OpenCLIP's ``open_clip_train.distributed.world_info_from_env``: the first variable set wins, in this order.
+LAUNCH_VARIABLES = (('LOCAL_RANK', 'MPI_LOCALRANKID', 'SLURM_LOCALID', 'OMPI_COMM_WORLD_LOCAL_RANK'),
+                    ('RANK', 'PMI_RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'),
+                    ('WORLD_SIZE', 'PMI_SIZE', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
 def launch_ranks():
     """(local rank, global rank, world size) of this process as the launcher (torchrun, SLURM, MPI) set them in the
-    environment, read by OpenCLIP's own rule (``world_info_from_env``)."""
-    from open_clip_train.distributed import world_info_from_env
-    return world_info_from_env()
+    environment, by OpenCLIP's rule (``world_info_from_env``; restated so the rank CLI imports no training module,
+    and checked against it in tests/test_compat.py)."""
+    import os
+    found = []
+    for names, default in zip(LAUNCH_VARIABLES, (0, 0, 1)):
+        found.append(next((int(os.environ[n]) for n in names if n in os.environ), default))
+    return tuple(found)
 
 
 def launch_world_size() -> int:

@@ -1,0 +1,1 @@
+"""Scoring at scale: partitioned inputs, streamed decoding, Parquet score folders, curation (``select``)."""
