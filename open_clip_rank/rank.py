@@ -52,7 +52,13 @@ def build_parser():
     src.add_argument('--shard-prompt-key', type=str, default=None,
                      help='Key of each shard sample\'s json holding its own instruction (instead of --prompt).')
     src.add_argument('--shard-keep-keys', type=str, nargs='*', default=None,
-                     help='Keys of each shard sample\'s json copied into the score files (e.g. uid, url, target).')
+                     help='Keys of each shard sample\'s json copied into the score files (e.g. uid, url).')
+    src.add_argument('--shard-target-key', type=str, default=None,
+                     help='Key of each shard sample\'s json holding its ground truth (e.g. value): written as the '
+                          'target column, and the metrics of the model\'s sample type go to DIR/metrics.json.')
+    src.add_argument('--shard-category-key', type=str, default=None,
+                     help='Key of each shard sample\'s json holding its category (e.g. cname), for per-category '
+                          'metrics.')
     src.add_argument('--image-root', type=str, default=None,
                      help='Folder that relative image paths of --csv (a CSV or list file) resolve against. '
                           'Default: the current directory.')

@@ -12,9 +12,8 @@ out-of-memory leaves the others; what a section printed is kept as it is):
 * ``adapter_step.md``: the whole adapter step, original vs ours (with and without gradient checkpointing);
 * ``ranking_throughput.md``: images/s of scoring against the bare image tower on pre-decoded tensors
   (``benchmark.py --mode inference``) for ViT-B-32-adapter and convnext_large_d_320-adapter in bf16, and end to end
-  from JPEG files through the library's scoring API (``inference.score_images``: decode and resize included). The
-  sharded, multi-worker scoring path of the rank-at-scale issue is not part of this release, so there is no
-  shard row yet;
+  from 1024x768 JPEG files and webdataset shards through the rank CLI's scoring path with 16 DataLoader workers
+  (``scripts/benchmark_scoring.py``: decode and resize included, beside the same model on pre-decoded tensors);
 * ``feature_cache.md``: an adapter epoch from the frozen-tower cache vs through the tower, convnext_large_d_320-adapter
   (``scripts/benchmark_feature_cache.py``);
 * ``rankclip_loss.md``: the RankCLIP loss vs ClipLoss (and the autograd ListMLE), B up to 32,768 where memory allows,
@@ -27,7 +26,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,61 +48,28 @@ def sections(args):
                     [py, str(SCRIPTS / 'benchmark.py'), '--mode', 'step', *dev, '--dtype', dtype,
                      '--model', 'ViT-B-32-adapter' if quick else PAPER_MODEL, '--batch-sizes', *(['4'] if quick else sizes),
                      '--repeats', '1' if quick else '5'], 180 if quick else 40))
-    for model, n in (('ViT-B-32-adapter', ['4'] if quick else ['256', '1024']),
-                     (PAPER_MODEL, ['2'] if quick else ['64', '256'])):
+    for model, n, images in (('ViT-B-32-adapter', ['4'] if quick else ['256', '1024'], '8' if quick else '512'),
+                             (PAPER_MODEL, ['2'] if quick else ['64', '256'], '4' if quick else '256')):
         dtype = 'bfloat16' if args.device == 'cuda' else 'float32'  # a CPU without bf16 units: fp32
         out.append(('ranking_throughput.md', f'Scoring {model}, pre-decoded, {dtype}',
                     [py, str(SCRIPTS / 'benchmark.py'), '--mode', 'inference', *dev, '--model', model,
                      '--dtype', dtype, '--batch-sizes', *n, '--repeats', '2' if quick else '5'],
-                    120 if quick else 30))
-        out.append(('ranking_throughput.md', f'Scoring {model}, end to end from JPEG files, '
-                    f'{"bf16 autocast" if args.device == "cuda" else "fp32"}',
-                    [py, str(Path(__file__).resolve()), '--jpeg-throughput', model, *dev,
-                     '--images', '8' if quick else '256', '--batch-size', n[-1]], 180 if quick else 45))
+                    120 if quick else 25))
+        out.append(('ranking_throughput.md', f'Scoring {model}, end to end from JPEG files and shards (the rank '
+                    f'CLI\'s scoring path), {"bf16" if args.device == "cuda" else "fp32"}',
+                    [py, str(SCRIPTS / 'benchmark_scoring.py'), *dev, '--model', model,
+                     '--precision', 'bf16' if args.device == 'cuda' else 'fp32', '--images', images,
+                     '--batch-size', n[0], '--per-shard', '2' if quick else '64',
+                     '--workers', *(['0'] if quick else ['16']), '--repeats', '1'], 240 if quick else 60))
     out.append(('feature_cache.md', f'Feature cache vs tower epochs, {"ViT-B-32-adapter" if quick else PAPER_MODEL}',
                 [py, str(SCRIPTS / 'benchmark_feature_cache.py'), *dev,
                  '--model', 'ViT-B-32-adapter' if quick else PAPER_MODEL, '--images', '16' if quick else '512',
-                 '--batch-size', '8' if quick else '32', '--epochs', '1' if quick else '3'], 300 if quick else 75))
+                 '--batch-size', '8' if quick else '32', '--epochs', '1' if quick else '3'], 300 if quick else 70))
     out.append(('rankclip_loss.md', 'RankCLIP loss vs ClipLoss, forward + backward',
                 [py, str(SCRIPTS / 'benchmark_rankclip.py'), *dev, '--precision', *(['fp32'] if quick else ['fp32', 'bf16']),
                  '--batch-sizes', *(['128', '256'] if quick else ['1024', '4096', '8192', '16384', '32768']),
-                 '--repeats', '1' if quick else '3', '--max-seconds', '5' if quick else '10'], 180 if quick else 90))
+                 '--repeats', '1' if quick else '3', '--max-seconds', '5' if quick else '10'], 180 if quick else 80))
     return out
-
-
-def jpeg_throughput(args):
-    """images/s of ``inference.score_images`` over JPEG files (decode, resize, tower, adapter), random weights."""
-    import statistics
-    import torch
-    from PIL import Image
-    import numpy as np
-    import open_clip_rank  # noqa: F401
-    from open_clip_rank.inference import load_rank_model, score_images
-    folder = Path(tempfile.mkdtemp(prefix='jpegs-'))
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(args.images):  # 1024x768 photographs' size, noise content (decode cost as a real JPEG's)
-        path = folder / f'{i:05d}.jpg'
-        Image.fromarray(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(path, quality=90)
-        paths.append(str(path))
-    model, transform, tokenizer = load_rank_model(args.jpeg_throughput, device=args.device, precision='fp32',
-                                                  random_weights=True)
-    autocast = torch.bfloat16 if args.device == "cuda" else None  # fp32 weights under bf16 autocast (AMP)
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        score_images(model, paths, 'Rank the image quality.', transform, tokenizer, batch_size=args.batch_size,
-                     autocast_dtype=autocast)
-        if args.device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    where = torch.cuda.get_device_name() if args.device == 'cuda' else f'CPU ({os.cpu_count()} cores)'
-    print(f"{args.jpeg_throughput} on {where}: {args.images} JPEG files of 1024x768, batch {args.batch_size}, "
-          f"decoding on the main process (the library API; no DataLoader workers)")
-    print('\n| run | seconds | images/s |\n| ---: | ---: | ---: |')
-    for i, t in enumerate(times):
-        print(f'| {i + 1} | {t:.2f} | {args.images / t:.1f} |')
-    print(f'\nmedian: {args.images / statistics.median(times):.1f} images/s')
 
 
 def run_sections(args):
@@ -149,17 +114,11 @@ def main(argv=None):
     p.add_argument('--out', default='gpu_report')
     p.add_argument('--device', default=None, help='cuda (default when available) or cpu')
     p.add_argument('--quick', action='store_true', help='tiny sizes: a check of the script itself (CPU)')
-    p.add_argument('--jpeg-throughput', metavar='MODEL', help=argparse.SUPPRESS)
-    p.add_argument('--images', type=int, default=1024, help=argparse.SUPPRESS)
-    p.add_argument('--batch-size', type=int, default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device is None:
         import torch
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.jpeg_throughput:
-        jpeg_throughput(args)
-    else:
-        run_sections(args)
+    run_sections(args)
     return 0
 
 

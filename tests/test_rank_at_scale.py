@@ -171,3 +171,53 @@ def test_two_processes_give_exactly_the_scores_of_one(setup, tmp_path):
     assert single.keys() == double.keys()
     torch.testing.assert_close(torch.tensor([double[k] for k in single]), torch.tensor(list(single.values())))
     assert 'process 1/2' in result.stderr and 'process 0/2' in result.stderr
+
+
+@pytest.mark.unit
+def test_ground_truth_in_shards_gives_the_metrics_of_the_small_path(setup, tmp_path):
+    """Shards carrying title / cname / value (as make_shards writes them): metrics.json from the written files
+    equals the metrics of the same rows ranked as a CSV through today's outputs."""
+    import webdataset as wds
+    rows = [(f'k{i:02d}', 'circle' if i % 2 else 'square', float(i % 7)) for i in range(16)]
+    images, csv_lines = tmp_path / 'images', ['filepath\ttitle\tcname\tvalue']
+    images.mkdir()
+    with wds.TarWriter(str(tmp_path / 'truth.tar')) as writer:
+        for key, cname, value in rows:
+            png = _png(int(value) + 3 * (cname == 'circle'))
+            (images / f'{key}.png').write_bytes(png)
+            caption = f'Rank the numbers of {cname}.'
+            csv_lines.append(f'{images / key}.png\t{caption}\t{cname}\t{value}')
+            writer.write({'__key__': key, 'png': png,
+                          'json': json.dumps({'title': caption, 'cname': cname, 'value': value}).encode()})
+    (tmp_path / 'truth.csv').write_text('\n'.join(csv_lines) + '\n')
+    out = tmp_path / 'out'
+    done = _rank('--checkpoint-path', setup['checkpoint'], '--shards', tmp_path / 'truth.tar', '--output-dir', out,
+                 '--shard-prompt-key', 'title', '--shard-target-key', 'value', '--shard-category-key', 'cname')
+    assert done.returncode == 0, done.stderr[-3000:]
+    small = _rank('--checkpoint-path', setup['checkpoint'], '--csv', tmp_path / 'truth.csv',
+                  '--output-path', tmp_path / 'small')
+    assert small.returncode == 0, small.stderr[-3000:]
+    from_folder = json.loads((out / 'metrics.json').read_text())['metrics']
+    from_csv = json.loads((tmp_path / 'small.json').read_text())['metrics']
+    assert from_folder.keys() == from_csv.keys() and 'srcc' in json.dumps(from_folder)
+    assert json.dumps(from_folder, sort_keys=True) == json.dumps(from_csv, sort_keys=True)
+
+
+@pytest.mark.unit
+def test_learned_prompt_models_write_every_prediction(tmp_path):
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i in range(5):
+        (images / f'{i}.png').write_bytes(_png(i))
+    out = tmp_path / 'out'
+    from open_clip_rank.rank import main
+    done = call_main(main,
+                     ['--model', 'tiny-rn-ordinal', '--random-weights', '--device', 'cpu', '--no-progress', '--images',
+                      images, '--output-dir', out, '--probabilities', '--partition-size', 2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = outputs.read_scores(out)
+    assert len(outputs.completed_partitions(out)) == 3 and table.num_rows == 5
+    assert {'score', 'expected_rank', 'predicted_rank', 'probs', 'path'} <= set(table.column_names)
+    probs = torch.tensor(table['probs'].to_pylist())
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+    assert set(table['prompt'].to_pylist()) == {''}

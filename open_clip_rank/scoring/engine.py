@@ -33,6 +33,7 @@ class ScoringPlan:
     prompt_key: Optional[str] = None
     image_key: Optional[str] = None
     extra_keys: tuple = ()
+    truth_keys: dict = field(default_factory=dict)  # 'target' / 'category' -> shard json key (ground truth)
     probabilities: bool = False      # write non-scalar predictions (ordinal: probs) as list columns
     load_truncated: bool = False
 
@@ -126,7 +127,8 @@ def score_to_folder(model, transform, tokenizer, plan: ScoringPlan, folder, *, r
     if not todo:
         return summary
     stream = PartitionStream(todo, transform, batch_size, prompt_key=plan.prompt_key, image_key=plan.image_key,
-                             extra_keys=plan.extra_keys, load_truncated=plan.load_truncated)
+                             extra_keys=plan.extra_keys, truth_keys=plan.truth_keys,
+                             load_truncated=plan.load_truncated)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == 'cuda',
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     autocast = _autocast(model, device, None)

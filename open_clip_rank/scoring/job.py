@@ -90,9 +90,12 @@ def plan_from_args(args, model) -> ScoringPlan:
     else:
         partitions = chunk_partitions(_csv_items(args, model), args.csv, 'rows', size)
     extra = tuple(k for k in (args.shard_keep_keys or ()) if k) if args.shards else ()
+    truth = {column: key for column, key in (('target', args.shard_target_key), ('category', args.shard_category_key))
+             if key and args.shards}
     return ScoringPlan(partitions=partitions, prompts=prompts, identity=_identity(args, model, prompts),
                        prompt_key=args.shard_prompt_key if args.shards and model.needs_prompt else None,
-                       image_key=args.shard_image_key, extra_keys=extra, probabilities=args.probabilities,
+                       image_key=args.shard_image_key, extra_keys=extra, truth_keys=truth,
+                       probabilities=args.probabilities,
                        load_truncated=getattr(args, 'load_truncated_images', False))
 
 

@@ -40,13 +40,14 @@ class PartitionStream(IterableDataset):
     """Batches ``{'partition', 'images' [B, 3, H, W] or None, 'rows' [B dicts], 'final', 'skipped'}``."""
 
     def __init__(self, partitions: List[Partition], transform, batch_size: int, prompt_key: Optional[str] = None,
-                 image_key: Optional[str] = None, extra_keys=(), load_truncated: bool = False):
+                 image_key: Optional[str] = None, extra_keys=(), truth_keys=None, load_truncated: bool = False):
         self.partitions = partitions
         self.transform = transform
         self.batch_size = batch_size
         self.prompt_key = prompt_key    # a shard json key holding each sample's own instruction
         self.image_key = image_key      # a shard entry holding the image (default: the first of jpg/jpeg/png/webp)
-        self.extra_keys = tuple(extra_keys)  # shard json keys copied into the output (uid, target, category, ...)
+        self.extra_keys = tuple(extra_keys)  # shard json keys copied into the output (uid, url, ...)
+        self.truth_keys = dict(truth_keys or {})  # output column ('target', 'category') -> shard json key
         self.load_truncated = load_truncated
 
     def __iter__(self):
@@ -104,15 +105,16 @@ class PartitionStream(IterableDataset):
             skipped.append({'key': None, 'url': partition.url, 'reason': f'shard read error: {error}'})
 
     def _json_fields(self, sample) -> dict:
-        if not self.prompt_key and not self.extra_keys:
+        if not self.prompt_key and not self.extra_keys and not self.truth_keys:
             return {}
         if 'json' not in sample:
             raise ValueError('no .json in the sample (needed for ' + ', '.join(
-                k for k in (self.prompt_key, *self.extra_keys) if k) + ')')
+                k for k in (self.prompt_key, *self.extra_keys, *self.truth_keys.values()) if k) + ')')
         meta = json.loads(sample['json'])
         if not isinstance(meta, dict):
             raise ValueError('its .json is not an object')
         out = {k: meta[k] for k in self.extra_keys if k in meta}
+        out.update({column: meta[key] for column, key in self.truth_keys.items() if key in meta})
         if self.prompt_key:
             prompt = meta.get(self.prompt_key)
             if not isinstance(prompt, str) or not prompt.strip():
