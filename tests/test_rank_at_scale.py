@@ -141,17 +141,23 @@ def test_a_killed_run_resumes_without_duplicates_and_refuses_another_model(setup
     monkeypatch.setattr(engine.outputs, 'write_partition', original)
     first = {name: os.stat(outputs.partition_path(out, name)).st_mtime_ns for name in written}
     assert len(outputs.completed_partitions(out)) == 2
+    stale = out / 'scores' / '.shard-000002-part-002.parquet.tmp-99999'  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b'PAR1 half a file')
     again = _rank(*argv)
     assert again.returncode == 0, again.stderr[-3000:]
     assert '2 partition(s) already scored' in caplog.text
     _, keys = _scores(out)
     assert sorted(keys) == sorted(f's{s}_{i:02d}' for s in range(4) for i in range(5))  # every key exactly once
+    assert not stale.exists()
     for name, mtime in first.items():  # the finished partitions were not redone
         assert os.stat(outputs.partition_path(out, name)).st_mtime_ns == mtime
     other = _rank('--checkpoint-path', setup['checkpoint'], '--shards', setup['url'], '--prompt', 'Rank the age.',
                   '--output-dir', out)
     assert other.returncode == 2
     assert 'holds scores of another run (prompts' in other.stderr and 'new --output-dir' in other.stderr
+    (out / 'manifest.json').unlink()  # the score files themselves say what produced them
+    assert _rank('--checkpoint-path', setup['checkpoint'], '--shards', setup['url'], '--prompt', 'Rank the age.',
+                 '--output-dir', out).returncode == 2
 
 
 @pytest.mark.e2e

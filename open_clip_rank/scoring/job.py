@@ -112,6 +112,8 @@ def run_job(args, model, transform, tokenizer, folder, launch: Optional[Launch] 
     outputs.check_folder_identity(folder, plan.identity)  # every process, before the manifest is (re)written
     barrier(launch)
     if launch.is_main:
+        if outputs.remove_stale_temporaries(folder):
+            _logger.info(f"Removed the temporary files a killed run left in {folder}.")
         outputs.write_manifest(folder, _manifest(args, plan, launch))
     barrier(launch)
     device = next(model.parameters()).device

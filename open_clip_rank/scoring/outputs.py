@@ -13,6 +13,7 @@ per-image predictions (ordinal: ``expected_rank``, ``predicted_rank``; ``probs``
 identity and lists the partition's skipped samples with their reasons, so a score file always says what produced
 it and what it left out. Nothing here is a hand-written format: Parquet through pyarrow, JSON.
 """
+import contextlib
 import json
 import os
 from typing import Dict, Iterator, List, Optional
@@ -75,11 +76,15 @@ def identity_mismatch(found: dict, identity: dict) -> Optional[str]:
 
 
 def check_folder_identity(folder, identity: dict) -> None:
-    """Refuse to mix results of another model, checkpoint, prompt set or precision into ``folder``."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return
-    difference = identity_mismatch(manifest, identity)
+    """Refuse to mix results of another model, checkpoint, prompt set or precision into ``folder`` (its manifest,
+    or, without one, the first score file's metadata)."""
+    found = read_manifest(folder)
+    if found is None:
+        written = completed_partitions(folder)
+        if not written:
+            return
+        found = partition_metadata(next(iter(written.values())))
+    difference = identity_mismatch(found, identity)
     if difference is not None:
         raise ScoreFolderError(
             f"--output-dir {folder} holds scores of another run ({difference}); give a new --output-dir, or delete "
@@ -123,3 +128,16 @@ def skipped_samples(folder) -> List[dict]:
     for name, path in completed_partitions(folder).items():
         out.extend({**s, 'partition': name} for s in partition_metadata(path).get('skipped', []))
     return out
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Hidden temporary files a killed run left in ``DIR/scores`` (``files/atomic.py`` names): never results, so a
+    rerun removes them. Call before any process of the new run writes."""
+    scores = os.path.join(folder, SCORES)
+    if not os.path.isdir(scores):
+        return 0
+    stale = [f for f in os.listdir(scores) if f.startswith('.') and '.parquet.tmp-' in f]
+    for name in stale:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(scores, name))
+    return len(stale)
