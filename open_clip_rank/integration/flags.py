@@ -58,6 +58,8 @@ def add_plugin_args(parser: argparse.ArgumentParser):
                             "unreadable, for every --csv-dataset-sample-type: the plugin's data per image, "
                             "OpenCLIP's own loaders ('default' data, zero-shot ImageNet) through PIL's "
                             "process-wide setting. Default: off.")
+    from .optimizer import add_optimizer_args
+    add_optimizer_args(group)
     for hook in registry.all_hooks('add_args'):
         import_function(hook)(parser)
     return parser
@@ -88,6 +90,8 @@ def check_plugin_args(args) -> None:
         raise ValueError(f"{path_flag} applies to the plugin's data (--csv-dataset-sample-type "
                          f"{' / '.join(registry.SAMPLE_TYPES)}); OpenCLIP's own CSV data reads image paths as "
                          f"written: drop {path_flag} or make the paths absolute.")
+    from .optimizer import check_optimizer_args
+    check_optimizer_args(args)
     for hook in registry.all_hooks('check_args'):
         import_function(hook)(args)
 
@@ -100,6 +104,8 @@ def configure_run(args) -> None:
     if getattr(args, 'load_truncated_images', False):
         from PIL import ImageFile
         ImageFile.LOAD_TRUNCATED_IMAGES = True
+    from .optimizer import configure_optimizer_run
+    configure_optimizer_run(args)
     for hook in registry.all_hooks('configure'):
         import_function(hook)(args)
 

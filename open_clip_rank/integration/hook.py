@@ -15,10 +15,11 @@ Patched:
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
   when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (the families' sample types),
   ``evaluate`` (ranking metrics for rank validation data), ``train_one_epoch`` (tells a loss with
-  ``start_epoch`` the epoch: RankCLIP's ramp), ``init_distributed_device`` (CPU DDP), ``setup_logging``
+  ``start_epoch`` the epoch: RankCLIP's ramp; applies the optimiser options of ``optimizer.py`` before the first
+  step and wraps the schedule), ``init_distributed_device`` (CPU DDP), ``setup_logging``
   (torch's internal loggers stay at WARNING), ``pt_load`` (``--resume latest`` skips unreadable
   checkpoints), and ``zero_shot.accuracy`` where NumPy >= 2.4 breaks it (an upstream bug, fixed in
-  ``compat``);
+  ``compat``; CLIP_benchmark's ``accuracy`` too, when ``clip_benchmark`` is imported);
 * ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``start_checks``), starts the
   run (``run_state``) and makes the run's checkpoint writes atomic and checksummed (``torch.save`` into its
   checkpoint folder, ``files/atomic.py``, ``files/integrity.py``).
@@ -59,6 +60,8 @@ def register():
             _bootstrap.when_imported(f'{package}.{module}', _patch_training_module)
         _bootstrap.when_imported(f'{package}.zero_shot', _fix_zero_shot)
         _bootstrap.when_imported(f'{package}.{compat.EPOCH_PATCH_POINT[0]}', _patch_train_one_epoch)
+    for name in compat.CLIP_BENCHMARK_ACCURACY_MODULES:  # `clip_benchmark eval` (CLIP_benchmark)
+        _bootstrap.when_imported(name, _fix_clip_benchmark)
     _logger.debug('open_clip_rank registered with OpenCLIP')
 
 
@@ -162,13 +165,21 @@ def _patch_train_one_epoch(module):
 
 
 def _train_one_epoch(original):
-    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``; after it, the
-    registered ``after_epoch`` hooks run (e.g. the adapter's feature cache logs the epoch's use)."""
+    """Losses with ``start_epoch`` learn OpenCLIP's (0-based) epoch before each ``train_one_epoch``, and the optimiser
+    options (``optimizer.py``) adjust OpenCLIP's optimiser and schedule; after it, the registered ``after_epoch``
+    hooks run (e.g. the adapter's feature cache logs the epoch's use)."""
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        from .optimizer import configure_optimizer, wrap_scheduler
+        from .run_state import current_run, write_run_model_config
+        steps = getattr(data['train'].dataloader, 'num_batches', 0) // args.accum_freq
         start_epoch = getattr(loss, 'start_epoch', None)
         if callable(start_epoch):
-            steps = getattr(data['train'].dataloader, 'num_batches', 0) // args.accum_freq
             start_epoch(epoch, args, tb_writer=tb_writer, step=steps * epoch)
+        configure_optimizer(optimizer, args, model)  # --param-group-lr, --amsgrad: before the first step
+        if current_run() is not None:
+            current_run().note_optimizer(optimizer)
+            write_run_model_config(args)  # logs/<name>/config.json, for the rank CLI's --config-path
+        scheduler = wrap_scheduler(scheduler, optimizer, args, steps)  # group rates, --lr-scheduler multistep
         result = original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                           tb_writer=tb_writer)
         for hook in registry.all_hooks('after_epoch'):
@@ -181,6 +192,12 @@ def _train_one_epoch(original):
 def _fix_zero_shot(module):
     """OpenCLIP 3.3's zero-shot top-k count fails under NumPy >= 2.4 (for every model): fixed in compat."""
     if _from_openclip_checkout(module) and compat.fix_zero_shot_accuracy(module):
+        _logger.debug(f"{module.__name__}.accuracy replaced by a NumPy-2.4-safe equivalent")
+
+
+def _fix_clip_benchmark(module):
+    """CLIP_benchmark's top-k accuracy fails the same way under NumPy >= 2.4: fixed in compat."""
+    if compat.fix_clip_benchmark_accuracy(module):
         _logger.debug(f"{module.__name__}.accuracy replaced by a NumPy-2.4-safe equivalent")
 
 
@@ -206,8 +223,19 @@ def _save_run_checkpoint(original_save, obj, f, *args, **kwargs):
     from .run_state import run_flag
     folder = run_flag('checkpoint_path', None)
     if inside(folder, f):  # every loader verifies the checksum (files/integrity.py)
-        return atomic_torch_save(original_save, add_checksum(obj), f, *args, **kwargs)
+        return atomic_torch_save(original_save, add_checksum(_openclip_layout(obj)), f, *args, **kwargs)
     return original_save(obj, f, *args, **kwargs)
+
+
+def _openclip_layout(checkpoint):
+    """The optimiser of a run checkpoint in the groups OpenCLIP's ``main`` builds, so ``--resume`` can load it."""
+    from .optimizer import state_dict_in_openclip_layout
+    from .run_state import current_run
+    optimizer = current_run().optimizer() if current_run() is not None else None
+    if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint or optimizer is None:
+        return checkpoint
+    layout = state_dict_in_openclip_layout(optimizer)
+    return checkpoint if layout is None else {**checkpoint, 'optimizer': layout}
 
 
 def _setup_logging(original):

@@ -15,6 +15,7 @@ from typing import Any, Optional
 class TrainingRun:
     args: Any  # the parsed training args (OpenCLIP's and the plugin's flags)
     _locked_model: Optional[weakref.ref] = None
+    _optimizer: Optional[weakref.ref] = None
 
     def note_locked_model(self, model) -> None:
         """The model whose image tower ``--lock-image`` just locked (built before the data)."""
@@ -22,6 +23,14 @@ class TrainingRun:
 
     def locked_model(self):
         return self._locked_model() if self._locked_model is not None else None
+
+    def note_optimizer(self, optimizer) -> None:
+        """The optimiser OpenCLIP's ``main`` built (seen by the ``train_one_epoch`` wrapper): its checkpoints store
+        it in OpenCLIP's layout (``optimizer.state_dict_in_openclip_layout``)."""
+        self._optimizer = weakref.ref(optimizer)
+
+    def optimizer(self):
+        return self._optimizer() if self._optimizer is not None else None
 
 
 _current: Optional[TrainingRun] = None
@@ -45,3 +54,35 @@ def current_run() -> Optional[TrainingRun]:
 def run_flag(name: str, default=False):
     """A flag of the current training run (``default`` outside one)."""
     return getattr(_current.args, name, default) if _current is not None else default
+
+
+def write_run_model_config(args):
+    """``logs/<name>/config.json``: the model config this run trains (with the ``--force-*`` overrides OpenCLIP
+    applies when it builds the model), the file the rank CLI's ``--config-path`` takes: as the original adapter code,
+    the run folder alone is enough to rank (``--config-path logs/<name>/config.json --checkpoint-path
+    logs/<name>/checkpoints/epoch_N.pt``). Rank-family models only; once per run, by the first process."""
+    import copy
+    import json
+    import os
+
+    from .. import registry
+    from ..files.atomic import atomic_write
+    from .compat import read_model_config
+    if getattr(args, 'rank', 0) != 0 or not getattr(args, 'logs', None) or not getattr(args, 'name', None):
+        return None
+    path = os.path.join(args.logs, args.name, 'config.json')
+    config = read_model_config(args.model)
+    if os.path.exists(path) or config is None or registry.family_for_config(config) is None:
+        return None
+    config = copy.deepcopy(config)
+    if getattr(args, 'force_quick_gelu', False):
+        config['quick_gelu'] = True
+    image_size = getattr(args, 'force_image_size', None)
+    if image_size:
+        config.setdefault('vision_cfg', {})['image_size'] = image_size[0] if isinstance(image_size, (list, tuple)) \
+            and len(image_size) == 1 else image_size
+    if getattr(args, 'force_context_length', None):
+        config.setdefault('text_cfg', {})['context_length'] = args.force_context_length
+    with atomic_write(path, 'w') as f:
+        json.dump(config, f, indent=2)
+    return path
