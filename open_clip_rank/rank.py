@@ -31,6 +31,7 @@ from . import registry
 
 _logger = logging.getLogger(__name__)
 
+RESERVED_COLUMNS = ('key', 'prompt', 'score', 'url', 'path', 'category', 'target')  # the score files' own columns
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'amp', 'amp_bf16', 'amp_bfloat16')  # OpenCLIP's --precision names
 
 
@@ -52,7 +53,8 @@ def build_parser():
     src.add_argument('--shard-prompt-key', type=str, default=None,
                      help='Key of each shard sample\'s json holding its own instruction (instead of --prompt).')
     src.add_argument('--shard-keep-keys', type=str, nargs='*', default=None,
-                     help='Keys of each shard sample\'s json copied into the score files (e.g. uid, url).')
+                     help='Keys of each shard sample\'s json copied into the score files (e.g. uid, caption); not '
+                          'the files\' own column names (key, prompt, score, url, path, category, target).')
     src.add_argument('--shard-target-key', type=str, default=None,
                      help='Key of each shard sample\'s json holding its ground truth (e.g. value): written as the '
                           'target column, and the metrics of the model\'s sample type go to DIR/metrics.json.')
@@ -178,12 +180,39 @@ def add_pairwise_scores(args, model, rows, transform, tokenizer):
 
 
 def score(args, model, transform, tokenizer, folder, launch):
-    """Score the input into ``folder`` (this process's share, ``scoring/job.py``). On the main process ->
-    (rows, skipped [(image, reason)], extras) read back from the finished folder; elsewhere None."""
-    from .scoring.job import rows_from_folder, run_job
+    """Score the input into ``folder`` (this process's share, ``scoring/job.py``). On the main process -> the rank
+    CLI's rows (rows, skipped [(image, reason)], extras) read back from the finished folder when the outputs need
+    them (``--output-path``, or ground truth for metrics), else a ``FolderSummary`` from the files' metadata (memory
+    flat in the number of images); elsewhere None."""
+    from .scoring.job import run_job
     plan, _ = run_job(args, model, transform, tokenizer, folder, launch)
     if not launch.is_main:
         return None
+    if args.output_path is None and not plan_has_targets(plan):
+        return FolderSummary.of(folder)
+    return rows_for_outputs(args, model, transform, tokenizer, folder, plan)
+
+
+def plan_has_targets(plan) -> bool:
+    return bool(plan.truth_keys) or any(item.get('target') is not None for p in plan.partitions for item in p.items)
+
+
+class FolderSummary:
+    """What a finished score folder holds, from its files' metadata only."""
+
+    def __init__(self, rows, skipped):
+        self.rows, self.skipped = rows, skipped
+
+    @classmethod
+    def of(cls, folder):
+        from .scoring import outputs
+        metas = [outputs.partition_metadata(path) for path in outputs.completed_partitions(folder).values()]
+        return cls(sum(m['num_rows'] for m in metas), [(s.get('key') or s.get('url'), s['reason'])
+                                                       for m in metas for s in m['skipped']])
+
+
+def rows_for_outputs(args, model, transform, tokenizer, folder, plan):
+    from .scoring.job import rows_from_folder
     rows = rows_from_folder(folder, plan)
     extras = {}
     if args.probabilities and any('probs' in r for r in rows):
@@ -287,6 +316,11 @@ def check_inputs(args):
     if args.shards and (args.pairwise or args.contact_sheet):
         raise ValueError("--pairwise and --contact-sheet read images by path: rank --images or --csv for them, "
                          "not --shards.")
+    reserved = [k for k in (args.shard_keep_keys or ()) if k in RESERVED_COLUMNS]
+    if reserved:
+        raise ValueError(f"--shard-keep-keys {' '.join(reserved)}: the score files already have a column of that name "
+                         f"({', '.join(RESERVED_COLUMNS)}); keep the json key under another name in the shards, or "
+                         f"drop it.")
     if args.prompt and args.shard_prompt_key:
         raise ValueError("give either --prompt (every image under each) or --shard-prompt-key (each sample's own "
                          "instruction), not both.")
@@ -330,6 +364,8 @@ def _main(args):
             end_process_group(launch)
         if result is None:  # not the main process: its share is on disk
             return 0
+        if isinstance(result, FolderSummary):
+            return _report_summary(args, result)
         return _report(args, model, *result)
 
 
@@ -364,6 +400,15 @@ def _score_folder(args):
         return
     with tempfile.TemporaryDirectory(prefix='open_clip_rank-scores-') as folder:
         yield folder
+
+
+def _report_summary(args, summary: FolderSummary):
+    """``--output-dir`` alone, no ground truth: the counts (the scores are in the folder)."""
+    if not summary.rows:
+        print(f"open_clip_rank.rank: error: {nothing_ranked(summary.skipped)}", file=sys.stderr)
+        return 1
+    _logger.info(f"Scores: {args.output_dir} ({summary.rows} rows, {len(summary.skipped)} skipped)")
+    return 0
 
 
 def _report(args, model, rows, skipped, extras):

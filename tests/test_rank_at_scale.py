@@ -13,7 +13,7 @@ from PIL import Image
 
 import open_clip
 from open_clip_rank.scoring import outputs
-from open_clip_rank.scoring.partitions import chunk_partitions, for_process, shard_partitions
+from open_clip_rank.scoring.partitions import chunk_partitions, for_process, shard_name, shard_partitions
 from helpers import TEST_CONFIG_DIR, call_main, free_port, subprocess_env
 
 MODEL = 'tiny-vit-adapter'
@@ -74,7 +74,7 @@ def test_partitions_split_disjoint_and_complete():
         names = [p.name for share in shares for p in share]
         assert sorted(names) == sorted(p.name for p in parts) and len(set(names)) == len(names)
     names = [p.name for p in shard_partitions(['a/x.tar', 'b/x.tar', 'pipe:curl -s http://h/y.tar'])]
-    assert len(set(names)) == 3 and names[0].startswith('shard-000000-x')
+    assert len(set(names)) == 3 and names[0].startswith('shard-x-') and names[1].startswith('shard-x-')
 
 
 @pytest.mark.unit
@@ -93,7 +93,7 @@ def test_shards_with_workers_equal_in_process_scoring(setup, tmp_path):
                                torch.tensor(list(results[0].values())))
     table = outputs.read_scores(tmp_path / 'w0')
     assert {'key', 'prompt', 'score', 'url', 'uid'} <= set(table.column_names)
-    meta = outputs.partition_metadata(outputs.partition_path(tmp_path / 'w0', 'shard-000000-part-000'))
+    meta = outputs.partition_metadata(outputs.partition_path(tmp_path / 'w0', shard_name(str(setup['shards'][0]))))
     assert meta['model'] == MODEL and meta['checkpoint_sha256'] and meta['num_rows'] == 10
     manifest = outputs.read_manifest(tmp_path / 'w0')
     assert len(manifest['partitions']) == 4 and manifest['checkpoint'].endswith('epoch_1.pt')
@@ -141,7 +141,7 @@ def test_a_killed_run_resumes_without_duplicates_and_refuses_another_model(setup
     monkeypatch.setattr(engine.outputs, 'write_partition', original)
     first = {name: os.stat(outputs.partition_path(out, name)).st_mtime_ns for name in written}
     assert len(outputs.completed_partitions(out)) == 2
-    stale = out / 'scores' / '.shard-000002-part-002.parquet.tmp-99999'  # what a SIGKILL mid-write leaves
+    stale = out / 'scores' / '.shard-part-002-0123456789.parquet.tmp-99999'  # what a SIGKILL mid-write leaves
     stale.write_bytes(b'PAR1 half a file')
     again = _rank(*argv)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -227,3 +227,21 @@ def test_learned_prompt_models_write_every_prediction(tmp_path):
     probs = torch.tensor(table['probs'].to_pylist())
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
     assert set(table['prompt'].to_pylist()) == {''}
+
+
+@pytest.mark.unit
+def test_a_folder_rerun_must_chunk_the_same_files_and_keep_keys_cannot_shadow_columns(setup, tmp_path):
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i in range(5):
+        (images / f'{i}.png').write_bytes(_png(i))
+    out = tmp_path / 'out'
+    argv = ['--checkpoint-path', setup['checkpoint'], '--images', images, '--prompt', PROMPT, '--output-dir', out]
+    assert _rank(*argv, '--partition-size', 2).returncode == 0
+    changed = _rank(*argv, '--partition-size', 3)  # other chunks under the same names: never mixed
+    assert changed.returncode == 2 and 'holds scores of another run (chunks' in changed.stderr
+    (images / '5.png').write_bytes(_png(5))  # a new file shifts the chunks too
+    assert _rank(*argv, '--partition-size', 2).returncode == 2
+    shadow = _rank('--checkpoint-path', setup['checkpoint'], '--shards', setup['url'], '--prompt', PROMPT,
+                   '--output-dir', tmp_path / 'o2', '--shard-keep-keys', 'uid', 'url')
+    assert shadow.returncode == 2 and '--shard-keep-keys url: the score files already have a column' in shadow.stderr

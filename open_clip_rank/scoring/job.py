@@ -14,7 +14,7 @@ from typing import List, Optional
 from .. import registry
 from . import outputs
 from .engine import ScoringPlan, ScoringSummary, file_sha256, score_to_folder
-from .partitions import DEFAULT_PARTITION_SIZE, chunk_partitions, shard_partitions
+from .partitions import DEFAULT_PARTITION_SIZE, chunk_partitions, items_digest, shard_partitions
 
 _logger = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ def end_process_group(launch: Launch) -> None:
 
 # --- the plan --------------------------------------------------------------------------------------------
 
-def _identity(args, model, prompts) -> dict:
+def _identity(args, model, prompts, chunks=None) -> dict:
     from ..files.checkpoints import loaded_from
     weights = args.checkpoint_path or loaded_from(model)
-    return {'model': args.model or args.config_path, 'checkpoint': weights,
+    return {'model': args.model or args.config_path, 'checkpoint': weights, 'chunks': chunks,
             'checkpoint_sha256': file_sha256(weights) if weights else None,
             'prompts': prompts if prompts is not None else (f'per sample: {args.shard_prompt_key}'
                                                             if args.shards else 'per row'),
@@ -78,21 +78,22 @@ def _csv_items(args, model) -> List[dict]:
 
 def plan_from_args(args, model) -> ScoringPlan:
     size = args.partition_size or DEFAULT_PARTITION_SIZE
-    prompts = None
+    prompts, chunks = None, None
     if args.shards:
         from ..data.shards import check_shards
         partitions = shard_partitions(check_shards(args.shards, '--shards'))
         if model.needs_prompt and not args.shard_prompt_key:
             prompts = list(args.prompt)
-    elif args.images:
-        partitions = chunk_partitions(_folder_items(args), args.images, 'files', size)
-        prompts = list(args.prompt) if model.needs_prompt else None
     else:
-        partitions = chunk_partitions(_csv_items(args, model), args.csv, 'rows', size)
+        items = _folder_items(args) if args.images else _csv_items(args, model)
+        partitions = chunk_partitions(items, args.images or args.csv, 'files' if args.images else 'rows', size)
+        chunks = f'{len(items)} items, {size} per partition, digest {items_digest(items)}'
+        if args.images and model.needs_prompt:
+            prompts = list(args.prompt)
     extra = tuple(k for k in (args.shard_keep_keys or ()) if k) if args.shards else ()
     truth = {column: key for column, key in (('target', args.shard_target_key), ('category', args.shard_category_key))
              if key and args.shards}
-    return ScoringPlan(partitions=partitions, prompts=prompts, identity=_identity(args, model, prompts),
+    return ScoringPlan(partitions=partitions, prompts=prompts, identity=_identity(args, model, prompts, chunks),
                        prompt_key=args.shard_prompt_key if args.shards and model.needs_prompt else None,
                        image_key=args.shard_image_key, extra_keys=extra, truth_keys=truth,
                        probabilities=args.probabilities,

@@ -24,7 +24,8 @@ MANIFEST = 'manifest.json'
 SCORES = 'scores'
 METADATA_KEY = b'open_clip_rank'
 FORMAT_VERSION = 1
-IDENTITY_FIELDS = ('model', 'checkpoint_sha256', 'prompts', 'precision')  # what may not change within one folder
+# what may not change within one folder: the scores' meaning, and (folders / CSVs) what the chunks hold
+IDENTITY_FIELDS = ('model', 'checkpoint_sha256', 'prompts', 'precision', 'chunks')
 
 
 class ScoreFolderError(ValueError):
@@ -88,7 +89,8 @@ def check_folder_identity(folder, identity: dict) -> None:
     if difference is not None:
         raise ScoreFolderError(
             f"--output-dir {folder} holds scores of another run ({difference}); give a new --output-dir, or delete "
-            f"{os.path.join(folder, SCORES)} to score again with this model.")
+            f"{os.path.join(folder, SCORES)} to score again (a rerun must use the same model, checkpoint, prompts, "
+            f"precision and, for a folder or CSV, the same files and --partition-size).")
 
 
 def read_manifest(folder) -> Optional[dict]:
