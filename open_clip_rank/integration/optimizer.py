@@ -127,7 +127,7 @@ def _enable_amsgrad(optimizer, args) -> None:
 
 def configure_optimizer(optimizer, args, model) -> None:
     """Apply ``--param-group-lr`` and ``--amsgrad`` to OpenCLIP's optimiser, once, before its first step."""
-    if getattr(optimizer, _LAYOUT, None) is not None or not needs_optimizer_changes(args):
+    if optimizer is None or getattr(optimizer, _LAYOUT, None) is not None or not needs_optimizer_changes(args):
         return
     setattr(optimizer, _LAYOUT, [({k: v for k, v in g.items() if k != 'params'}, list(g['params']))
                                  for g in optimizer.param_groups])
@@ -174,9 +174,10 @@ def multistep_factor(epoch: float, milestones, gamma: float) -> float:
 
 def wrap_scheduler(scheduler, optimizer, args, steps_per_epoch: int):
     """OpenCLIP's schedule, then each group's ``lr_scale`` and the multi-step decay."""
+    if scheduler is None or optimizer is None or getattr(scheduler, '_open_clip_rank_wrapped', False):
+        return scheduler
     multistep = getattr(args, 'rank_lr_scheduler', None) == MULTISTEP
-    scaled = any(g.get('lr_scale', 1.0) != 1.0 for g in optimizer.param_groups)
-    if scheduler is None or getattr(scheduler, '_open_clip_rank_wrapped', False) or not (multistep or scaled):
+    if not multistep and all(g.get('lr_scale', 1.0) == 1.0 for g in optimizer.param_groups):
         return scheduler
 
     def adjust(step):
