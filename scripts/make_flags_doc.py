@@ -79,7 +79,9 @@ def _flag(action) -> str:
     name = ', '.join(action.option_strings)
     if action.nargs == 0:
         return f'`{name}`'
-    if action.metavar:
+    if isinstance(action.metavar, tuple):  # nargs=N with one name per value: 'LO HI'
+        metavar = ' '.join(action.metavar)
+    elif action.metavar:
         metavar = action.metavar
     elif action.choices is not None:
         metavar = 'NAME'  # the choices have a column of their own

@@ -21,7 +21,8 @@ def expected_adapter_params(cfg):
     return cfg['num_learnable_text_tokens'] + layers * per_layer + 9 * d * d + 30 * d + cfg['n_reg_tokens'] * d + 2
 
 
-ORDINAL_NAMES = sorted(f'{base}-ordinal' for base in ('RN50', 'ViT-B-32', 'ViT-B-16', 'convnext_base_w', 'vgg16-RN50'))
+ORDINAL_NAMES = sorted(f'{base}-ordinal' for base in ('RN50', 'ViT-B-32', 'ViT-B-16', 'convnext_base_w', 'vgg16-RN50',
+                                                      'RN50-baseline', 'vgg16-baseline'))
 
 
 def test_all_official_configs_are_shipped_and_listed():

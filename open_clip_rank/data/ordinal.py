@@ -14,6 +14,8 @@ from torch.utils.data.distributed import DistributedSampler
 from ..registry import SAMPLE_TYPES, num_ranks_of_model_name
 from .loaders import DataInfo, RankDataInfo, SharedEpoch, check_fills_one_batch, check_model_trains_on
 from .ordinal_dataset import OrdinalDataset, collate_ordinal_batch, load_ordinal_table
+from .ordinal_options import (check_rank_window, official_transforms, subset_description, training_subset,
+                              validation_subset)
 from .shards import check_shard_data, uses_shards
 from .table import image_path_options
 
@@ -25,14 +27,21 @@ _logger = logging.getLogger(__name__)
 def check_ordinal_data(args):
     """``--csv-dataset-sample-type ordinal``: the checks ``get_ordinal_data`` makes, before anything is built."""
     check_model_trains_on(args, 'ordinal')
+    check_rank_window(getattr(args, 'ordinal_rank_window', None), _num_ranks(args))
     if uses_shards(args):
         check_shard_data(args, SAMPLE_TYPES['ordinal'])
         return
-    for path in (args.train_data, args.val_data):
-        if path:
-            table = _ordinal_table(args, path, _num_ranks(args))
-            if path == args.train_data:
-                check_fills_one_batch(len(table), path, args)
+    if args.train_data:  # the subsets are drawn as get_ordinal_data draws them (same --seed), without logging
+        table = training_subset(_ordinal_table(args, args.train_data, _num_ranks(args)), args, log=False)
+        check_fills_one_batch(len(table), _described(args.train_data, args, train=True), args)
+    if args.val_data:
+        validation_subset(_ordinal_table(args, args.val_data, _num_ranks(args)), args, log=False)
+
+
+def _described(path, args, train):
+    """The file, and the subset flags that shrank it, for a message about its size."""
+    subset = subset_description(args, train)
+    return f"{path} ({subset})" if subset else path
 
 
 def _num_ranks(args) -> int:
@@ -50,13 +59,18 @@ def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
     check_model_trains_on(args, 'ordinal')
     num_ranks = _num_ranks(args)
     train_transform, val_transform = preprocess_fns
+    if getattr(args, 'ordinal_official_transforms', False):
+        train_transform, val_transform = official_transforms(val_transform)
+        _logger.info("Ordinal data: the official preprocessing (--ordinal-official-transforms): train "
+                     + ', '.join(map(repr, train_transform.transforms)) + "; validation "
+                     + ', '.join(map(repr, val_transform.transforms)) + ".")
     if uses_shards(args):  # --dataset-type webdataset
         from .ordinal_shards import get_ordinal_shard_data
         return get_ordinal_shard_data(args, train_transform, val_transform, num_ranks, epoch)
     data = {}
     if args.train_data:
-        table = _ordinal_table(args, args.train_data, num_ranks)
-        check_fills_one_batch(len(table), args.train_data, args)
+        table = training_subset(_ordinal_table(args, args.train_data, num_ranks), args)
+        check_fills_one_batch(len(table), _described(args.train_data, args, train=True), args)
         global_batch = args.batch_size * args.world_size
         dataset = OrdinalDataset(table, train_transform, train=True)
         if args.distributed:
@@ -73,7 +87,7 @@ def get_ordinal_data(args, preprocess_fns, epoch=0, tokenizer=None):
         _logger.info(f"Ordinal training data: {len(table)} images, {num_ranks} ranks, {len(loader)} batches of "
                      f"{args.batch_size} per process per epoch.")
     if args.val_data:
-        table = _ordinal_table(args, args.val_data, num_ranks)
+        table = validation_subset(_ordinal_table(args, args.val_data, num_ranks), args)
         dataset = OrdinalDataset(table, val_transform, train=False)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                             collate_fn=collate_ordinal_batch)

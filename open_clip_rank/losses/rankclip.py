@@ -93,7 +93,8 @@ class RankCLIPLoss(nn.Module):
     def __init__(self, inmodal_weight: float = 1.0, crossmodal_weight: float = 1.0,
                  ramp_peak: float = DEFAULT_RAMP_PEAK, ramp_epochs: Optional[float] = None,
                  local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, seed: int = 0, accum_freq: int = 1, eps: float = DEFAULT_EPS):
+                 use_horovod: bool = False, seed: int = 0, accum_freq: int = 1, eps: float = DEFAULT_EPS,
+                 inmodal_views: bool = False):
         super().__init__()
         for name, value in (('inmodal_weight', inmodal_weight), ('crossmodal_weight', crossmodal_weight),
                             ('ramp_peak', ramp_peak), ('ramp_epochs', ramp_epochs or 0.0)):
@@ -111,6 +112,7 @@ class RankCLIPLoss(nn.Module):
         self.seed = int(seed)
         self.accum_freq = max(1, int(accum_freq))
         self.eps = eps
+        self.inmodal_views = bool(inmodal_views)  # --rankclip-inmodal: each batch holds the originals, then views
         # Before any epoch is set (the loss used outside OpenCLIP's loop), the ramp sits at its peak.
         self.epoch = None
         self.rank_weight = self.ramp_peak
@@ -152,8 +154,19 @@ class RankCLIPLoss(nn.Module):
             return image_features, text_features, all_image, all_text, self.rank * len(image_features)
         return all_image, all_text, all_image, all_text, 0
 
+    def _split_views(self, features):
+        """(originals, augmented views) of ``--rankclip-inmodal`` features: each micro-batch is its b originals then
+        its b views (``data/two_views.py``), and under ``--accum-freq`` OpenCLIP concatenates the micro-batches."""
+        grouped = features.reshape(self.accum_freq, 2, -1, features.shape[-1])
+        return grouped[:, 0].reshape(-1, features.shape[-1]), grouped[:, 1].reshape(-1, features.shape[-1])
+
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False,
                 **_model_outputs):
+        views = None
+        if self.inmodal_views:  # the original's inmodal mode: contrastive = (cross-modal + in-modal) / 2
+            image_features, image_views = self._split_views(image_features)
+            text_features, text_views = self._split_views(text_features)
+            views = self._features(image_views, text_views)
         rows_image, rows_text, cols_image, cols_text, offset = self._features(image_features, text_features)
         batch_size = len(cols_image)  # the (global) batch: the length of every similarity list
         logits_per_image = logit_scale * rows_image @ cols_text.T
@@ -171,6 +184,11 @@ class RankCLIPLoss(nn.Module):
             per_text = F.cross_entropy(logits_per_text + biased, labels)
         contrastive = (per_image + per_text) / 2
         losses: Dict[str, torch.Tensor] = {'contrastive_loss': contrastive}
+        if views is not None:  # each image against every augmented image, each caption against every augmented
+            _, _, cols_image_views, cols_text_views, _ = views  # caption (the gathered views are the columns)
+            inmodal = (F.cross_entropy(logit_scale * rows_image @ cols_image_views.T, labels)
+                       + F.cross_entropy(logit_scale * rows_text @ cols_text_views.T, labels)) / 2
+            losses = {'contrastive_loss': contrastive / 2, 'inmodal_contrastive_loss': inmodal / 2}
 
         weight = self.rank_weight / (LISTMLE_DIVISOR * batch_size)
         if self.crossmodal_weight > 0:
@@ -213,7 +231,31 @@ def build_rankclip_loss(args) -> RankCLIPLoss:
         use_horovod=args.horovod,
         seed=args.seed,
         accum_freq=args.accum_freq,
+        inmodal_views=getattr(args, 'rankclip_inmodal', False),
     )
+
+
+def rankclip_default_data(args, get_data, preprocess_fns, epoch=0, tokenizer=None):
+    """OpenCLIP's image-caption data; with ``--rankclip-inmodal`` its training batches carry a second view of every
+    sample (``data/two_views.py``: AutoAugment image, EDA caption), validation and zero-shot data as OpenCLIP's."""
+    data = get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    if not getattr(args, 'rankclip_inmodal', False) or 'train' not in data:
+        return data
+    import copy
+
+    from ..data.two_views import EDA, TwoCaptionTokenizer, TwoViewTransform, ViewsLoader, synonym_source
+    train_only = copy.copy(args)
+    train_only.val_data = train_only.imagenet_val = train_only.imagenet_v2 = None
+    preprocess_train, preprocess_val = preprocess_fns
+    text_augment = EDA(synonym_source(args.rankclip_synonyms), alpha=args.rankclip_eda_alpha)
+    views = get_data(train_only, (TwoViewTransform(preprocess_train), preprocess_val), epoch=epoch,
+                     tokenizer=TwoCaptionTokenizer(tokenizer, text_augment))['train']
+    views.dataloader = ViewsLoader(views.dataloader)
+    data['train'] = views
+    if getattr(args, 'rank', 0) == 0:
+        _logger.info(f"--rankclip-inmodal: every training sample also as an AutoAugment image and an EDA caption "
+                     f"({', '.join(text_augment.operations())}); each batch is 2 x {args.batch_size}.")
+    return data
 
 
 # --- --loss-opt rankclip: flags and their checks (registered in builtin.py) ----------------------------
@@ -233,6 +275,16 @@ def add_rankclip_args(parser):
                        help='Epochs over which w rises linearly from 0 (epoch 1) to the peak. Default: two thirds '
                             'of (epochs - 1), the original clamp(3(e-1)/(E-1), 0, 2). 0: no ramp (the peak from '
                             'the first epoch; also what a one-epoch run gets).')
+    group.add_argument('--rankclip-inmodal', action='store_true',
+                       help='The original\'s --inmodal mode: every training sample also as an augmented view '
+                            '(AutoAugment image, EDA caption); contrastive = (cross-modal + in-modal image-to-view and '
+                            'caption-to-view) / 2, the ranking lists over the originals. On OpenCLIP\'s CSV, '
+                            'webdataset and synthetic data; each step encodes 2 x --batch-size pairs.')
+    group.add_argument('--rankclip-synonyms', type=str, default='wordnet',
+                       help='Synonyms for the captions\' EDA: wordnet (NLTK\'s, when its corpus is installed), none '
+                            '(random swap and deletion only), or a file of word<TAB>synonym,synonym lines.')
+    group.add_argument('--rankclip-eda-alpha', type=float, default=0.1,
+                       help='Fraction of a caption\'s words an EDA operation touches (EDA\'s and CyCLIP\'s 0.1).')
     return parser
 
 
@@ -242,6 +294,13 @@ def check_rankclip_args(args):
     for flag in ('rankclip_crossmodal_weight', 'rankclip_inmodal_weight', 'rankclip_ramp_peak'):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}.")
+    if args.rankclip_inmodal and not 0 < args.rankclip_eda_alpha <= 1:
+        raise ValueError(f"--rankclip-eda-alpha must be in (0, 1], got {args.rankclip_eda_alpha}.")
+    if args.rankclip_inmodal and args.rankclip_synonyms not in ('wordnet', 'none'):
+        import os
+        if not os.path.isfile(args.rankclip_synonyms):
+            raise ValueError(f"--rankclip-synonyms {args.rankclip_synonyms}: not a file; give wordnet, none or a file "
+                             f"of word<TAB>synonym,synonym lines.")
     if args.rankclip_ramp_epochs is not None and args.rankclip_ramp_epochs < 0:
         raise ValueError(f"--rankclip-ramp-epochs must be >= 0, got {args.rankclip_ramp_epochs}.")
     from ..registry import family_for_model_name

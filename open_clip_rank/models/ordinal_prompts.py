@@ -7,13 +7,16 @@ The context tokens are shared by all ranks (or one set per rank); the rank token
 * ``rank`` learner (OrdinalCLIP): K learned base-rank embeddings B [K, T, W], and rank r's embedding is
   sum_k w[r, k] B[k]: the base ranks sit at linspace(0, R-1, K) and w[r, k] = f(|r - pos_k|), normalised
   over k, with f linear (1 - d/(R-1)), inverse-proportional (1/(d + 1e-5)) or Gaussian (exp(-d^2));
-* ``plain`` learner (the CoOp baseline): one free embedding per rank (the identity interpolation).
+* ``plain`` learner (the CoOp baseline): one free embedding per rank (the identity interpolation);
+* ``baseline`` (the official ``Baseline`` model, the paper's CNN baseline): no prompts and no text tower pass, R
+  learned class prototypes in the image feature space (``ClassPrototypes``), compared by cosine at a fixed scale.
 
 The sentence is assembled with one gather per forward (no per-rank Python loop): a bank holding the
 template's token embeddings, the context and the rank tokens, and a fixed [R, L] index saying which
 bank row fills each position.
 """
 import logging
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional
@@ -23,7 +26,8 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-PROMPT_LEARNERS = ('rank', 'plain')
+PROMPT_LEARNERS = ('rank', 'plain', 'baseline')
+BASELINE_LOGIT_SCALE = 100.0  # the official Baseline: 100 * cos(image, prototype), no learned scale
 RANK_TOKEN_POSITIONS = ('front', 'middle', 'tail')
 
 
@@ -113,6 +117,11 @@ class OrdinalCfg:
                 bad('num_base_ranks', "one base rank makes every rank's prompt identical; use 2 or more.")
             if self.num_base_ranks > self.num_ranks:
                 bad('num_base_ranks', f"must not exceed num_ranks={self.num_ranks}.")
+        if self.prompt_learner == 'baseline':
+            for key, unused in (('init_context', None), ('rank_names', None), ('init_rank_path', None),
+                                ('rank_specific_context', False)):
+                if getattr(self, key) != unused:
+                    bad(key, "the baseline has no prompts (learned class prototypes only): leave it out.")
         if self.rank_tokens_position not in RANK_TOKEN_POSITIONS:
             bad('rank_tokens_position', f"use one of {list(RANK_TOKEN_POSITIONS)}.")
         if self.interpolation_type not in INTERPOLATIONS:
@@ -134,6 +143,11 @@ class OrdinalCfg:
                 f"ordinal_cfg: {source} holds {len(names)} rank names but {what} is {self.num_learned_ranks}: the "
                 f"{self.prompt_learner} prompt learner initialises one embedding per "
                 f"{'base rank' if self.prompt_learner == 'rank' else 'rank'}; give {self.num_learned_ranks} names.")
+
+    @property
+    def is_baseline(self) -> bool:
+        """No prompts: R learned class prototypes (the official ``Baseline`` model)."""
+        return self.prompt_learner == 'baseline'
 
     @property
     def num_learned_ranks(self) -> int:
@@ -290,6 +304,21 @@ class RankPrompts(nn.Module):
             context = context.expand(R, -1, -1)
         bank = torch.cat([template, context, self.rank_token_embeds().to(template.dtype)], dim=1)
         return bank.gather(1, self.slot_index[..., None].expand(-1, -1, W))
+
+
+class ClassPrototypes(nn.Module):
+    """The official ``Baseline``'s head: R learned class prototypes [R, D] in the image feature space (its
+    ``last_project.weight``, initialised as ``nn.Linear``'s weight), no text. Under ``prompt_learner.`` like the
+    prompt learners, so checkpoints and base weights load the same way."""
+
+    def __init__(self, num_ranks: int, dim: int):
+        super().__init__()
+        self.num_ranks = num_ranks
+        self.prototypes = nn.Parameter(torch.empty(num_ranks, dim))
+        nn.init.kaiming_uniform_(self.prototypes, a=math.sqrt(5))  # nn.Linear(dim, num_ranks)'s initialisation
+
+    def reset_parameters(self, token_embedding=None):
+        """Nothing comes from the text tower's embeddings: the prototypes keep their initialisation."""
 
 
 def num_ranks_of_config(ordinal_cfg: dict) -> int:
