@@ -6,9 +6,13 @@ COMMANDS = (
     ('train', 'OpenCLIP\'s training entry point with the plugin applied (as python -m open_clip_train.main)'),
     ('rank', 'rank images (a folder, or a CSV of the model\'s data) with a trained rank model; metrics with ground '
              'truth'),
+    ('evaluate', 'rank every dataset of a folder of CSVs with one or more checkpoints: the rank CLI\'s metrics JSON '
+                 'per checkpoint and dataset, and a summary table (summary.csv) to compare them'),
     ('select', 'keep the best-scored samples of a rank score folder (threshold / top fraction): kept keys, '
                'DataComp uids, new shards; a score-bucket picture to decide where to cut'),
     ('make_shards', 'convert training data into webdataset shards for --dataset-type webdataset'),
+    ('push_to_hf_hub', 'share a trained model on the Hugging Face Hub (or write its folder with --local-dir): '
+                       'weights, open_clip_config.json with the family\'s config, a model card'),
     ('prepare_datasets', 'turn a downloaded copy of one of the papers\' datasets into rank CSVs'),
 )
 

@@ -36,6 +36,13 @@ class SampleType:
     add_cli_args: Hook = None  # (parser) -> None: rank CLI flags of this sample type
     read_rows: Hook = None  # (args, model) -> [{'image', 'prompt', 'category', 'target'}]: a CSV for the rank CLI
     report: Hook = None  # (args, model, rows) -> dict: the rank CLI's metrics (printed) and pictures of scored rows
+    # {metric key of ``validation``'s dict: 'max' (higher is better) or 'min'}: what --rank-save-best may keep the
+    # best checkpoint by ('CATEGORY/<metric>' keys take the goal of <metric>)
+    metric_goals: Mapping[str, str] = field(default_factory=dict)
+    # model cards (push_to_hf_hub): the validation metrics a card lists (keys of ``validation``'s dict; its
+    # 'CATEGORY/<metric>' entries become rows), and what a card says of a training file
+    card_metrics: Tuple[str, ...] = ()
+    describe_data: Hook = None  # (path, options) -> {'rows', 'instructions', 'categories', 'targets': [lo, hi], ...}
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
         return import_function(self.data_builder)(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
@@ -57,6 +64,10 @@ class RankLoss:
     needs_pair_head: bool = False  # needs the pair head's logits in each training batch
     add_args: Hook = None  # (parser) -> None
     check_args: Hook = None  # (args) -> None: refuses bad flag combinations (ValueError)
+    summary: str = ''  # one line for model cards: what training with it gives the model
+    # (args, get_data, preprocess_fns, epoch, tokenizer) -> data: the loss's take on OpenCLIP's image-caption data
+    # (``get_data`` is OpenCLIP's; e.g. RankCLIP's second view of every sample)
+    default_data: Hook = None
 
     def build(self, args):
         return import_function(self.builder)(args)
@@ -83,6 +94,9 @@ class RankFamily:
     start_check: Hook = None  # (args, model_cfg) -> None: refuses a run of this config (ValueError)
     after_epoch: Hook = None  # (args, epoch) -> None: after each of OpenCLIP's training epochs (e.g. a report)
     num_ranks: Hook = None  # (family config dict) -> int: the fixed set of ranks, for families that have one
+    # (model config, training data description or None) -> {'description', 'score' (its meaning: direction, range,
+    # units), optional 'pipeline_tag', 'details': {...}}: this family's part of a model card (push_to_hf_hub)
+    model_card: Hook = None
 
     def model_class(self, custom_text: bool):
         module = importlib.import_module(self.model_module)

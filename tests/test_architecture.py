@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / 'open_clip_rank'
 GENERIC = ['registry.py', 'specs.py', 'rank.py', 'make_shards.py', 'inference.py', 'train.py', '__main__.py',
            'integration', 'evaluation/validation.py', 'evaluation/metrics.py', 'data/shards.py', 'data/loaders.py',
            'data/batches.py', 'files', 'pictures', 'models/base.py', 'models/checkpoint.py', 'models/towers.py',
-           'losses/__init__.py', 'losses/micro_batches.py', 'select.py', 'scoring/curation.py']
+           'losses/__init__.py', 'losses/micro_batches.py', 'select.py', 'scoring/curation.py', 'evaluate.py',
+           'push_to_hf_hub.py']
 
 
 def _modules():

@@ -141,11 +141,14 @@ def _natural_order(path):
 
 
 def resume_candidates(failed_path) -> list:
-    """The other checkpoints ``--resume latest`` could have chosen, newest first (same folder, same rule)."""
+    """The other checkpoints ``--resume latest`` could have chosen, newest first (same folder, same rule; never the
+    best checkpoint of ``--rank-save-best``, which is not the newest)."""
+    from .best_checkpoint import is_best_checkpoint
     folder = os.path.dirname(os.fspath(failed_path))
     found = glob.glob(os.path.join(folder, '**', '*.pt'), recursive=True)
     failed = os.path.abspath(os.fspath(failed_path))
-    return sorted((p for p in found if os.path.abspath(p) != failed), key=_natural_order, reverse=True)
+    return sorted((p for p in found if os.path.abspath(p) != failed and not is_best_checkpoint(p)),
+                  key=_natural_order, reverse=True)
 
 
 def _load_intact(original_load, path, map_location):

@@ -41,7 +41,11 @@ EPOCH_PATCH_POINT = ('train', 'train_one_epoch')
 NAMES_MAIN_MUST_CALL = ('parse_args', 'get_data', 'create_loss', 'evaluate', 'train_one_epoch',
                         'init_distributed_device', 'DistributedDataParallel',
                         'setup_logging', 'pt_load',
-                        'save')  # torch.save of checkpoints (made atomic by the torch.save patch below)
+                        'save',  # torch.save of checkpoints (made atomic by the torch.save patch below)
+                        'get_latest_checkpoint')  # --resume latest's search (MAIN_PATCH_POINTS)
+# open_clip_train.main's own functions, wrapped where main runs (imported, or as __main__ under python -m / runpy):
+# --resume latest's search, which would take the best checkpoint (epoch_best.pt) for the newest.
+MAIN_PATCH_POINTS = ('get_latest_checkpoint',)
 
 
 # open_clip_train.data building blocks the plugin's data paths reuse (the sample types' loaders, shard streaming).
@@ -167,6 +171,40 @@ def training_patch_point(module, version: str):
     return name
 
 
+def training_main_modules(packages) -> list:
+    """The loaded ``<package>.main`` module objects of the training ``packages``: imported, or running as
+    ``__main__`` (``python -m open_clip_train.main``, ``runpy``), told apart by their ``__spec__``."""
+    import sys
+    names = {f'{package}.main' for package in packages}
+    found = []
+    for key in ('__main__', *sorted(names)):
+        module = sys.modules.get(key)
+        if getattr(getattr(module, '__spec__', None), 'name', None) in names and all(m is not module for m in found):
+            found.append(module)
+    return found
+
+
+def patch_training_main(packages, name: str, make_wrapper) -> None:
+    """Wrap ``name`` (one of ``MAIN_PATCH_POINTS``) of every loaded training ``main`` module, once:
+    ``make_wrapper(original, module)``. Main calls it as a module global, so the wrapper takes effect at its next
+    call; a main module without it is an unsupported OpenCLIP (PatchPointMissing)."""
+    import open_clip
+    if name not in MAIN_PATCH_POINTS:
+        raise ValueError(f"{name} is not declared in compat.MAIN_PATCH_POINTS.")
+    for module in training_main_modules(packages):
+        original = getattr(module, name, None)
+        if not callable(original):
+            raise patch_point_missing(f"{module.__spec__.name}.{name}", open_clip.__version__)
+        if not is_patched(original):
+            setattr(module, name, wraps_once(original)(make_wrapper(original, module)))
+
+
+def uncompiled(model):
+    """The module ``torch.compile`` wrapped (its private ``_orig_mod``), else ``model``: what OpenCLIP's ``main``
+    saves the state dict of (its ``original_model``)."""
+    return getattr(model, '_orig_mod', model)
+
+
 def epoch_patch_point(module, version: str) -> str:
     """The name of the training loop function in ``<package>.train``, or PatchPointMissing."""
     name = EPOCH_PATCH_POINT[1]
@@ -212,6 +250,31 @@ def openclip_evaluates_val(args, epoch: int) -> bool:
     return bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
 
 
+# open_clip.push_to_hf_hub: the writers the plugin's push command (open_clip_rank/push_to_hf_hub.py) reuses, with
+# the parameters it passes. OpenCLIP's own push cannot run with huggingface_hub 2.x (it imports a name 2.x removed,
+# and fetches an HF copy of the CLIP tokenizer): the plugin pushes with huggingface_hub's current API instead.
+OPENCLIP_HUB_WRITERS = {'save_for_hf': ('model', 'tokenizer', 'model_config', 'save_directory', 'safe_serialization'),
+                        'generate_readme': ('model_card', 'model_name')}
+
+
+def openclip_hub_writers():
+    """(``save_for_hf``, ``generate_readme``) of ``open_clip.push_to_hf_hub``, checked: one line naming what moved."""
+    import inspect
+
+    import open_clip
+    try:  # the module (open_clip's __init__ binds the name open_clip.push_to_hf_hub to its function)
+        module = importlib.import_module('open_clip.push_to_hf_hub')
+    except ImportError:
+        raise patch_point_missing('open_clip.push_to_hf_hub', open_clip.__version__) from None
+    found = []
+    for name, params in OPENCLIP_HUB_WRITERS.items():
+        function = getattr(module, name, None)
+        if not callable(function) or tuple(inspect.signature(function).parameters)[:len(params)] != params:
+            raise patch_point_missing(f"open_clip.push_to_hf_hub.{name}{params}", open_clip.__version__)
+        found.append(function)
+    return tuple(found)
+
+
 # --- upstream bugs the plugin works around -------------------------------------------------------
 
 def numpy_rejects_size_one_arrays() -> bool:
@@ -238,6 +301,27 @@ def fix_zero_shot_accuracy(module) -> bool:
         return False
     if not is_patched(module.accuracy):
         module.accuracy = wraps_once(module.accuracy)(topk_correct)
+    return True
+
+
+# CLIP_benchmark (``clip_benchmark eval``) has the same float() of a 1-element array in its accuracy, which its
+# linear-probe module imports by name: both modules get the fix, in whichever order they are imported.
+CLIP_BENCHMARK_ACCURACY_MODULES = ('clip_benchmark.metrics.zeroshot_classification',
+                                   'clip_benchmark.metrics.linear_probe')
+
+
+def topk_accuracy(output, target, topk=(1,)):
+    """Same result as CLIP_benchmark 1.6's ``accuracy`` (top-k accuracies as fractions of ``len(target)``),
+    which fails under NumPy >= 2.4 for every model."""
+    return [correct / len(target) for correct in topk_correct(output, target, topk)]
+
+
+def fix_clip_benchmark_accuracy(module) -> bool:
+    """Give a CLIP_benchmark metrics module a NumPy-2.4-safe ``accuracy`` where it needs one."""
+    if not numpy_rejects_size_one_arrays() or not callable(getattr(module, 'accuracy', None)):
+        return False
+    if not is_patched(module.accuracy):
+        module.accuracy = wraps_once(module.accuracy)(topk_accuracy)
     return True
 
 

@@ -60,6 +60,8 @@ def add_plugin_args(parser: argparse.ArgumentParser):
                             "process-wide setting. Default: off.")
     from .optimizer import add_optimizer_args
     add_optimizer_args(group)
+    from .save_best import add_save_best_args
+    add_save_best_args(group)
     for hook in registry.all_hooks('add_args'):
         import_function(hook)(parser)
     return parser
@@ -94,6 +96,8 @@ def check_plugin_args(args) -> None:
     check_optimizer_args(args)
     for hook in registry.all_hooks('check_args'):
         import_function(hook)(args)
+    from .save_best import check_save_best_args
+    check_save_best_args(args)  # after the sample type's and the loss's checks: it names their metrics
 
 
 def configure_run(args) -> None:

@@ -14,7 +14,8 @@ Patched:
 * OpenCLIP's pretrained table: ``<base>-adapter`` gets the pretrained tags of ``<base>``;
 * the training package (``open_clip_train.*``, and ``training.*`` of an OpenCLIP source checkout),
   when first imported: ``parse_args`` (the plugin's flags), ``get_data`` (the families' sample types),
-  ``evaluate`` (ranking metrics for rank validation data), ``train_one_epoch`` (tells a loss with
+  ``evaluate`` (ranking metrics for rank validation data; then ``--rank-save-best``'s ``epoch_best.pt``,
+  ``save_best.py``), ``train_one_epoch`` (tells a loss with
   ``start_epoch`` the epoch: RankCLIP's ramp; applies the optimiser options of ``optimizer.py`` before the first
   step and wraps the schedule), ``init_distributed_device`` (CPU DDP), ``setup_logging``
   (torch's internal loggers stay at WARNING), ``pt_load`` (``--resume latest`` skips unreadable
@@ -22,7 +23,8 @@ Patched:
   ``compat``; CLIP_benchmark's ``accuracy`` too, when ``clip_benchmark`` is imported);
 * ``parse_args`` also refuses a bad start before OpenCLIP creates ``logs/<name>`` (``start_checks``), starts the
   run (``run_state``) and makes the run's checkpoint writes atomic and checksummed (``torch.save`` into its
-  checkpoint folder, ``files/atomic.py``, ``files/integrity.py``).
+  checkpoint folder, ``files/atomic.py``, ``files/integrity.py``); and ``get_latest_checkpoint`` of the running
+  ``main`` (``--resume latest``) no longer takes ``epoch_best.pt`` for the newest.
 """
 import copy
 import logging
@@ -209,6 +211,7 @@ def _parse_args(original):
         from .start_checks import start_training_run
         parsed = start_training_run(parse_plugin_args(args))  # refusals exit 2, before logs/<name> exists
         compat.patch_torch_save(_save_run_checkpoint)
+        compat.patch_training_main(TRAINING_PACKAGES, 'get_latest_checkpoint', _latest_checkpoint)
         return parsed
 
     return parse_args
@@ -261,7 +264,11 @@ def _pt_load(original):
 def _get_data(original):
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         sample_type = getattr(args, 'csv_dataset_sample_type', 'default')
-        if sample_type == 'default':
+        if sample_type == 'default':  # OpenCLIP's image-caption data, as the loss wants it (e.g. two views)
+            loss = registry.resolved_loss(args)
+            if loss is not None and loss.default_data:
+                return registry.import_function(loss.default_data)(args, original, preprocess_fns, epoch=epoch,
+                                                                   tokenizer=tokenizer)
             return original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         from ..data import RankDataError
         from ..registry import SAMPLE_TYPES
@@ -281,18 +288,53 @@ def _get_data(original):
 
 def _evaluate(original):
     def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
-        from ..data.loaders import RankDataInfo
-        if not isinstance(data.get('val'), RankDataInfo):
-            return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
-        from ..evaluation.validation import evaluate_ranking
-        others = {k: v for k, v in data.items() if k not in ('train', 'val')}  # zero-shot: OpenCLIP evaluates it,
-        quiet = copy.copy(args)  # the plugin reports it with the ranking metrics (one results.jsonl record)
-        quiet.save_logs = quiet.wandb = False
-        other_metrics = original(model, others, epoch, quiet, tokenizer=tokenizer) if others else {}
-        other_metrics.pop('epoch', None)
-        return evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer, other_metrics=other_metrics)
+        from .save_best import keep_best
+        metrics = _evaluate_once(original, model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+        keep_best(model, metrics, epoch, args, save=_save_into_run)  # --rank-save-best: epoch_best.pt
+        return metrics
 
     return evaluate
+
+
+def _evaluate_once(original, model, data, epoch, args, tb_writer=None, tokenizer=None):
+    from ..data.loaders import RankDataInfo
+    if not isinstance(data.get('val'), RankDataInfo):
+        return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+    from ..evaluation.validation import evaluate_ranking
+    others = {k: v for k, v in data.items() if k not in ('train', 'val')}  # zero-shot: OpenCLIP evaluates it,
+    quiet = copy.copy(args)  # the plugin reports it with the ranking metrics (one results.jsonl record)
+    quiet.save_logs = quiet.wandb = False
+    other_metrics = original(model, others, epoch, quiet, tokenizer=tokenizer) if others else {}
+    other_metrics.pop('epoch', None)
+    return evaluate_ranking(model, data, epoch, args, tb_writer=tb_writer, other_metrics=other_metrics)
+
+
+def _save_into_run(obj, path):
+    """``torch.save(obj, path)`` into the run's checkpoint folder as OpenCLIP's own checkpoints are written (the
+    route of ``_save_run_checkpoint``: atomic, checksummed), whether or not ``torch.save`` is patched yet."""
+    import torch
+    return _save_run_checkpoint(getattr(torch.save, '__wrapped__', torch.save), obj, path)
+
+
+def _latest_checkpoint(original, module):
+    """``--resume latest``'s search (``get_latest_checkpoint`` of OpenCLIP's main ``module``) without
+    ``epoch_best.pt``, which its natural sort puts after every ``epoch_N.pt``."""
+    def get_latest_checkpoint(path, remote):
+        from ..files.best_checkpoint import BEST_CHECKPOINT_NAME, is_best_checkpoint, latest_regular_checkpoint
+        latest = original(path, remote)
+        if latest is None or not is_best_checkpoint(latest):
+            return latest
+        if remote:  # OpenCLIP lists the remote itself: no other listing to choose from
+            raise SystemExit(f"open_clip_rank: error: --resume latest found {latest} newest on the remote, which is "
+                             f"the best checkpoint (--rank-save-best), not the newest: resume with --resume "
+                             f"<remote>/epoch_N.pt.")
+        found = latest_regular_checkpoint(path)
+        if found is None:
+            _logger.warning(f"--resume latest: {path} holds only {BEST_CHECKPOINT_NAME}, the best checkpoint, not the "
+                            f"newest: not resumed from it (--resume {latest} would).")
+        return found
+
+    return get_latest_checkpoint
 
 
 def _init_distributed_device(original):

@@ -21,7 +21,7 @@ def register():
         name='toy', data_builder=f'{me}:get_toy_data', data_check=f'{me}:check_toy_data',
         validation=f'{me}:toy_validation', add_args=f'{me}:add_toy_data_args', check_args=f'{me}:check_toy_data_args',
         shard_fields=('value',), val_shard_fields=('value',), shard_records=f'{me}:toy_shard_records',
-        read_rows=f'{me}:read_toy_rows', report=f'{me}:toy_report'))
+        read_rows=f'{me}:read_toy_rows', report=f'{me}:toy_report', metric_goals={'toy_srcc': 'max'}))
     register_loss(RankLoss(name='toy-mse', builder=f'{me}:build_toy_loss', sample_type='toy',
                            add_args=f'{me}:add_toy_loss_args', check_args=f'{me}:check_toy_loss_args'))
     register_family(RankFamily(
