@@ -41,6 +41,7 @@ SAMPLE_TYPES = (
         add_shard_args='open_clip_rank.data.ordinal:add_ordinal_shard_args',
         shard_records='open_clip_rank.data.ordinal:ordinal_shard_records',
         add_cli_args='open_clip_rank.evaluation.ordinal:add_ordinal_cli_args',
+        cli_transform='open_clip_rank.data.ordinal_options:official_cli_transform',
         read_rows='open_clip_rank.data.ordinal:read_ordinal_rows',
         report='open_clip_rank.evaluation.ordinal:ordinal_report',
         card_metrics=('mae_exp', 'acc_exp', 'mae_max', 'acc_max', 'ordinality'),

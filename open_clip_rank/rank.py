@@ -185,6 +185,9 @@ def score(args, model, transform, tokenizer, folder, launch):
     them (``--output-path``, or ground truth for metrics), else a ``FolderSummary`` from the files' metadata (memory
     flat in the number of images); elsewhere None."""
     from .scoring.job import run_job
+    task = registry.sample_type_of_model(model)
+    if task.cli_transform:  # e.g. the preprocessing a training option used
+        transform = registry.import_function(task.cli_transform)(args, model, transform)
     plan, _ = run_job(args, model, transform, tokenizer, folder, launch)
     if not launch.is_main:
         return None

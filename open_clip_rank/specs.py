@@ -36,6 +36,8 @@ class SampleType:
     add_cli_args: Hook = None  # (parser) -> None: rank CLI flags of this sample type
     read_rows: Hook = None  # (args, model) -> [{'image', 'prompt', 'category', 'target'}]: a CSV for the rank CLI
     report: Hook = None  # (args, model, rows) -> dict: the rank CLI's metrics (printed) and pictures of scored rows
+    # (args, model, transform) -> the rank CLI's image transform (e.g. the preprocessing a training option used)
+    cli_transform: Hook = None
     # {metric key of ``validation``'s dict: 'max' (higher is better) or 'min'}: what --rank-save-best may keep the
     # best checkpoint by ('CATEGORY/<metric>' keys take the goal of <metric>)
     metric_goals: Mapping[str, str] = field(default_factory=dict)

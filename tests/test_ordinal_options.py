@@ -455,3 +455,33 @@ def test_training_with_subsets_official_transforms_frozen_context_and_window(sma
         assert line in log, line
     record = json.loads((tmp_path / 'logs' / 'options' / 'checkpoints' / 'results.jsonl').read_text().splitlines()[-1])
     assert {'ordinality', 'ordinality_span_1', 'ordinality_span_2', 'ordinality_span_3', 'mae_exp'} <= set(record)
+
+
+@pytest.mark.unit
+def test_the_rank_cli_preprocesses_as_official_training_when_asked(tmp_path):
+    """A model trained with --ordinal-official-transforms is ranked with the official evaluation preprocessing."""
+    import json as _json
+
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from open_clip_rank.data.ordinal_options import IMAGENET_MEAN, official_cli_transform
+    from open_clip_rank.rank import main
+    from helpers import call_main
+    _, _, preprocess = open_clip.create_model_and_transforms('tiny-rn-ordinal')
+    official = official_cli_transform(SimpleNamespace(ordinal_official_transforms=True), None, preprocess)
+    assert any(isinstance(t, T.Normalize) and tuple(t.mean) == IMAGENET_MEAN for t in official.transforms)
+    assert official_cli_transform(SimpleNamespace(), None, preprocess) is preprocess
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i in range(3):
+        Image.effect_noise((48, 40), 30 + 20 * i).convert('RGB').save(images / f'{i}.png')
+    probs = {}
+    for flag in ([], ['--ordinal-official-transforms']):
+        out = tmp_path / f'out{len(flag)}'
+        done = call_main(main, ['--model', 'tiny-rn-ordinal', '--random-weights', '--device', 'cpu', '--images',
+                                images, '--output-path', out, '--probabilities', '--no-progress', '--workers', '0',
+                                *flag])
+        assert done.returncode == 0, done.stderr[-2000:]
+        probs[bool(flag)] = [p['probs'] for p in _json.loads(out.with_suffix('.json').read_text())['probabilities']]
+    assert probs[True] != probs[False]

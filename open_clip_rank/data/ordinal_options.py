@@ -263,3 +263,11 @@ def official_transforms(preprocess_val):
     train = T.Compose([resize, T.RandomCrop((height, width)), T.RandomHorizontalFlip(), *tail])
     val = T.Compose([resize, T.CenterCrop((height, width)), *tail])
     return train, val
+
+
+def official_cli_transform(args, model, transform):
+    """The rank CLI's preprocessing (``SampleType.cli_transform``): with ``--ordinal-official-transforms``, the
+    official evaluation preprocessing a model trained with that flag was validated with; else the model's own."""
+    if not getattr(args, 'ordinal_official_transforms', False):
+        return transform
+    return official_transforms(transform)[1]

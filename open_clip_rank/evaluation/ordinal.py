@@ -137,6 +137,9 @@ def add_ordinal_cli_args(parser):
     group.add_argument('--ordinal-rank-window', type=int, nargs=2, default=None, metavar=('LO', 'HI'),
                        help='The prototypes\' ordinality (every span) over ranks LO..HI only, both included (the '
                             'official MORPH figures: 15 75). Default: all ranks.')
+    group.add_argument('--ordinal-official-transforms', action='store_true',
+                       help='Preprocess as the official OrdinalCLIP evaluation does (resize to 8/7 of the input, '
+                            'centre crop, ImageNet mean/std): for models trained with --ordinal-official-transforms.')
 
 
 def ordinal_report(args, model, rows) -> dict:
