@@ -185,7 +185,7 @@ def _load(template, checkpoint):
 
 def _rank_dataset(rank_parser, rest, model, transform, tokenizer, path, output, checkpoint) -> int:
     """The rank CLI on one dataset with a loaded model (``rank.score`` and ``rank._report``): its exit status."""
-    from .rank import _report, _score_folder, check_inputs, check_outputs, check_request, score
+    from .rank import _report, _score_folder, check_inputs, check_outputs, check_request, score, unsupported_precision
     from .scoring.job import Launch
     argv = [*rest, '--csv', path, '--output-path', str(output)]
     if checkpoint is not None:
@@ -201,12 +201,11 @@ def _rank_dataset(rank_parser, rest, model, transform, tokenizer, path, output, 
     except (ValueError, FileNotFoundError) as err:
         print(f"{PROG}: error: {path}: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # a kernel this torch lacks for the dtype on this device (e.g. fp16 on a CPU)
-        if 'not implemented for' not in str(err) or args.precision == 'fp32':
+    except RuntimeError as err:
+        message = unsupported_precision(err, args.precision)
+        if message is None:
             raise
-        print(f"{PROG}: error: --precision {args.precision} is not supported here by torch "
-              f"({str(err).splitlines()[0]}): use --precision bf16 or fp32 on a CPU, or a GPU (--device cuda).",
-              file=sys.stderr)
+        print(f"{PROG}: error: {path}: {message}", file=sys.stderr)
         return 2
 
 

@@ -355,12 +355,11 @@ def _main(args):
         except (ValueError, FileNotFoundError) as err:
             print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
             return 2
-        except RuntimeError as err:  # a kernel this torch lacks for the dtype on this device (e.g. fp16 on a CPU)
-            if 'not implemented for' not in str(err) or args.precision == 'fp32':
+        except RuntimeError as err:
+            message = unsupported_precision(err, args.precision)
+            if message is None:
                 raise
-            print(f"open_clip_rank.rank: error: --precision {args.precision} is not supported here by torch "
-                  f"({str(err).splitlines()[0]}): use --precision bf16 or fp32 on a CPU, or a GPU (--device cuda).",
-                  file=sys.stderr)
+            print(f"open_clip_rank.rank: error: {message}", file=sys.stderr)
             return 2
         finally:
             from .scoring.job import end_process_group
@@ -370,6 +369,15 @@ def _main(args):
         if isinstance(result, FolderSummary):
             return _report_summary(args, result)
         return _report(args, model, *result)
+
+
+def unsupported_precision(err: RuntimeError, precision: str):
+    """The one line for a kernel this torch lacks at ``precision`` on this device (e.g. fp16 on a CPU), or None when
+    ``err`` is something else."""
+    if 'not implemented for' not in str(err) or precision == 'fp32':
+        return None
+    return (f"--precision {precision} is not supported here by torch ({str(err).splitlines()[0]}): use --precision "
+            f"bf16 or fp32 on a CPU, or a GPU (--device cuda).")
 
 
 def _load_model(args, launch):
