@@ -462,3 +462,11 @@ def test_hf_hub_round_trip_offline(pushed, tmp_path):
         assert out[repo]['family'] == (family.name if family else None), repo
         torch.testing.assert_close(torch.tensor(out[repo]['scores']), pushed[name]['expected'])
         assert out[repo]['tokenizer'] == 'SimpleTokenizer'
+
+
+@pytest.mark.unit
+def test_the_ordinal_baseline_card_says_prototypes_not_prompts():
+    from open_clip_rank.models.ordinal_card import ordinal_model_card
+    card = ordinal_model_card(open_clip.get_model_config('tiny-rn-baseline-ordinal'))
+    assert 'class prototypes' in card['description'] and 'prompts for' not in card['description']
+    assert 'learned rank prompts' in ordinal_model_card(open_clip.get_model_config('tiny-rn-ordinal'))['score']

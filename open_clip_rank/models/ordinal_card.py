@@ -14,13 +14,16 @@ def ordinal_model_card(model_cfg, data=None) -> dict:
     details = {'Ranks': f"{ranks} (labels 0..{ranks - 1})"}
     if context:
         details['Prompt context (initial)'] = context
+    baseline = block.get('prompt_learner') == 'baseline'  # the paper's CNN baseline: class prototypes, no prompts
+    learned = f"learned class prototypes for {ranks} ordered ranks (the paper's CNN baseline, no text prompts)" \
+        if baseline else f"learned prompts for {ranks} ordered ranks"
+    over = f"the {ranks} learned class prototypes" if baseline else f"the {ranks} learned rank prompts"
     return {
         'description': (
-            f"An OrdinalCLIP model (Li et al., NeurIPS 2022) built with open_clip_rank: learned prompts for {ranks} "
-            f"ordered ranks. It takes no instruction: every image gets an expected rank, the argmax rank and each "
-            f"rank's probability."),
+            f"An OrdinalCLIP model (Li et al., NeurIPS 2022) built with open_clip_rank: {learned}. It takes no "
+            f"instruction: every image gets an expected rank, the argmax rank and each rank's probability."),
         'score': (
-            f"the expected rank, sum over r of r * p(r) with p the softmax over the {ranks} learned rank prompts: a "
+            f"the expected rank, sum over r of r * p(r) with p the softmax over {over}: a "
             f"real number in [0, {ranks - 1}] in the units of the training labels (integer ranks "
             f"0..{ranks - 1}{labels}). Higher = a higher rank = ranked first (rank 1 is the highest score)."),
         'pipeline_tag': 'image-classification',
