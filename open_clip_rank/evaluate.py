@@ -184,8 +184,8 @@ def _load(template, checkpoint):
 
 
 def _rank_dataset(rank_parser, rest, model, transform, tokenizer, path, output, checkpoint) -> int:
-    """The rank CLI on one dataset with a loaded model (``rank.score`` and ``rank._report``): its exit status."""
-    from .rank import _report, _score_folder, check_inputs, check_outputs, check_request, score, unsupported_precision
+    """The rank CLI on one dataset with a loaded model (``rank.score`` and ``rank.report_rows``): its exit status."""
+    from .rank import check_inputs, check_outputs, check_request, report_rows, score, score_folder, unsupported_precision
     from .scoring.job import Launch
     argv = [*rest, '--csv', path, '--output-path', str(output)]
     if checkpoint is not None:
@@ -195,9 +195,9 @@ def _rank_dataset(rank_parser, rest, model, transform, tokenizer, path, output, 
         check_inputs(args)
         check_outputs(args)
         check_request(args, model)
-        with _score_folder(args) as folder:
+        with score_folder(args) as folder:
             result = score(args, model, transform, tokenizer, folder, Launch())
-            return _report(args, model, *result)
+            return report_rows(args, model, *result)
     except (ValueError, FileNotFoundError) as err:
         print(f"{PROG}: error: {path}: {err}", file=sys.stderr)
         return 2

@@ -79,7 +79,7 @@ PRECISIONS = ('fp32', 'bf16', 'fp16', 'amp', 'amp_bf16', 'amp_bfloat16', 'pure_b
 AUTOCAST_DTYPES = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
 
 
-def _image_dtype(model) -> torch.dtype | None:
+def image_dtype(model) -> torch.dtype | None:
     """The dtype images must have for the model's image tower: its low precision when its weights were cast
     (``--precision bf16|fp16``), else None (images stay float32; autocast handles ``amp``)."""
     tower = getattr(model, 'visual', model)
@@ -87,7 +87,7 @@ def _image_dtype(model) -> torch.dtype | None:
     return next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
 
 
-def _autocast(model, device, autocast_dtype=None):
+def autocast_for(model, device, autocast_dtype=None):
     """torch.autocast for ``autocast_dtype``, else for the precision ``load_rank_model`` was given (``amp``...)."""
     dtype = autocast_dtype if autocast_dtype is not None else getattr(model, 'rank_autocast_dtype', None)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -303,10 +303,10 @@ def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequenc
     _refuse_prompt(model, "rank with predict_images(model, images, transform), without a prompt.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    image_dtype = _image_dtype(model)
+    input_dtype = image_dtype(model)
     scores = torch.full((len(images), len(prompts)), float('nan'))
     skipped = []
-    autocast = _autocast(model, device, autocast_dtype)
+    autocast = autocast_for(model, device, autocast_dtype)
     with autocast:
         prompt_states = model.encode_prompts(tokenizer(prompts).to(device))  # once per prompt; tokens stay integer
     for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'scoring'):
@@ -314,7 +314,7 @@ def score_images(model, images: Sequence[ImageLike], prompts: Union[str, Sequenc
         if batch is None:
             continue
         with autocast:
-            image_tokens = model.encode_image_tokens(batch.to(device=device, dtype=image_dtype))  # once per image
+            image_tokens = model.encode_image_tokens(batch.to(device=device, dtype=input_dtype))  # once per image
             for t in range(len(prompts)):
                 scores[kept, t] = model.score_tokens(image_tokens, prompt_states[t:t + 1]).float().cpu()
     return scores, _skip_non_finite({'score': scores}, skipped, images)
@@ -331,17 +331,17 @@ def score_rows(model, images: Sequence[ImageLike], prompts: Sequence[str], trans
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    image_dtype = _image_dtype(model)
+    input_dtype = image_dtype(model)
     scores = torch.full((len(images),), float('nan'))
     skipped = []
-    autocast = _autocast(model, device, autocast_dtype)
+    autocast = autocast_for(model, device, autocast_dtype)
     for batch, kept, bad in _progress(_Batches(list(images), transform, batch_size), progress, 'scoring'):
         skipped += bad
         if batch is None:
             continue
         texts = tokenizer([prompts[i] for i in kept]).to(device)
         with autocast:
-            scores[kept] = model.rank_scores(batch.to(device=device, dtype=image_dtype), texts).float().cpu()
+            scores[kept] = model.rank_scores(batch.to(device=device, dtype=input_dtype), texts).float().cpu()
     return scores, _skip_non_finite({'score': scores}, skipped, images)
 
 
@@ -360,8 +360,8 @@ def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, 
         raise ValueError(f"this {model.family_name} model has no pair head; rank without --pairwise.")
     _refuse_prompt(model, "rank without a prompt.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    image_dtype = _image_dtype(model)
-    autocast = _autocast(model, device, autocast_dtype)
+    input_dtype = image_dtype(model)
+    autocast = autocast_for(model, device, autocast_dtype)
     with autocast:
         prompt_state = model.encode_prompts(tokenizer([prompt]).to(device))
     summaries, kept_all, skipped = [], [], []
@@ -370,7 +370,7 @@ def pairwise_scores(model, images: Sequence[ImageLike], prompt: str, transform, 
         if batch is None:
             continue
         with autocast:
-            tokens = model.encode_image_tokens(batch.to(device=device, dtype=image_dtype))
+            tokens = model.encode_image_tokens(batch.to(device=device, dtype=input_dtype))
             summaries.append(model.pair_summaries(tokens, prompt_state))
         kept_all += kept
     scores = torch.full((len(images),), float('nan'))
@@ -415,8 +415,8 @@ def predict_images(model, images: Sequence[ImageLike], transform, prompt: Option
     if prompt is not None:
         _refuse_prompt(model, "call predict_images without one.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    image_dtype = _image_dtype(model)
-    autocast = _autocast(model, device, autocast_dtype)
+    input_dtype = image_dtype(model)
+    autocast = autocast_for(model, device, autocast_dtype)
     with autocast:
         prompt_state = model.encode_prompts(tokenizer([prompt]).to(device) if model.needs_prompt else None)
     outputs, skipped = {}, []
@@ -426,7 +426,7 @@ def predict_images(model, images: Sequence[ImageLike], transform, prompt: Option
             continue
         with autocast:
             predictions = model.rank_predictions(
-                model.encode_image_tokens(batch.to(device=device, dtype=image_dtype)), prompt_state)
+                model.encode_image_tokens(batch.to(device=device, dtype=input_dtype)), prompt_state)
         for name, value in predictions.items():
             if name not in outputs:
                 outputs[name] = torch.full((len(images), *value.shape[1:]), float('nan'))

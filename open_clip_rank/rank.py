@@ -349,7 +349,7 @@ def _main(args):
     except (ValueError, FileNotFoundError) as err:
         print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
         return 2
-    with _score_folder(args) as folder:
+    with score_folder(args) as folder:
         try:
             result = score(args, model, transform, tokenizer, folder, launch)
         except (ValueError, FileNotFoundError) as err:
@@ -368,7 +368,7 @@ def _main(args):
             return 0
         if isinstance(result, FolderSummary):
             return _report_summary(args, result)
-        return _report(args, model, *result)
+        return report_rows(args, model, *result)
 
 
 def unsupported_precision(err: RuntimeError, precision: str):
@@ -404,7 +404,7 @@ def _load_model(args, launch):
 
 
 @contextlib.contextmanager
-def _score_folder(args):
+def score_folder(args):
     """``--output-dir``, or a temporary score folder for today's small outputs (removed afterwards)."""
     if args.output_dir:
         yield args.output_dir
@@ -422,7 +422,7 @@ def _report_summary(args, summary: FolderSummary):
     return 0
 
 
-def _report(args, model, rows, skipped, extras):
+def report_rows(args, model, rows, skipped, extras):
     """The main process's outputs: <output>.csv/.json (and metrics) from the finished score folder."""
     if not any(r['skipped'] is None for r in rows):
         print(f"open_clip_rank.rank: error: {nothing_ranked(skipped)}", file=sys.stderr)

@@ -60,9 +60,9 @@ def _sync(device):
 @torch.inference_mode()
 def predecoded_rate(model, transform, tokenizer, paths, prompt, batch_size, device, repeats):
     from open_clip_rank.files.images import open_rgb
-    from open_clip_rank.inference import _autocast, _image_dtype
+    from open_clip_rank.inference import autocast_for, image_dtype
     tensors = torch.stack([transform(open_rgb(p)) for p in paths])
-    dtype, autocast = _image_dtype(model), _autocast(model, device, None)
+    dtype, autocast = image_dtype(model), autocast_for(model, device, None)
     with autocast:
         state = model.encode_prompts(tokenizer([prompt]).to(device))
     if device.type == 'cuda':

@@ -240,6 +240,20 @@ def test_an_ordinal_model_keeps_its_best_by_mae(tmp_path, ended_run, caplog):
 
 
 @pytest.mark.unit
+def test_the_best_checkpoint_keeps_the_optimiser_and_the_amp_scaler(tmp_path, ended_run):
+    from open_clip_rank.integration.run_state import current_run
+    args, folder = _run(tmp_path)
+    model = open_clip.create_model('tiny-vit-adapter')
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    current_run().note_optimizer(optimizer)
+    current_run().note_scaler(scaler)  # what the train_one_epoch wrapper notes
+    keep_best(model, {'srcc': 0.5}, 1, args, save=hook._save_into_run)
+    checkpoint = torch.load(folder / BEST_CHECKPOINT_NAME, map_location='cpu', weights_only=True)
+    assert checkpoint['scaler']['scale'] == 1024.0 and 'param_groups' in checkpoint['optimizer']
+
+
+@pytest.mark.unit
 def test_the_record_inside_the_checkpoint_wins_over_a_stale_json(tmp_path, ended_run):
     import os
     args, folder = _run(tmp_path)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import open_clip
 from helpers import run_gloo_worker, write_rank_csv
 from open_clip_rank.data import RankBatchSampler, RankTable
 from open_clip_rank.losses import create_loss

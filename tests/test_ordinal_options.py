@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import open_clip
 from helpers import REPO_ROOT, call_main, run_openclip_main
 from open_clip_rank.data import RankDataError
-from open_clip_rank.data.ordinal_dataset import OrdinalTable, collate_ordinal_batch, OrdinalDataset
+from open_clip_rank.data.ordinal_dataset import OrdinalTable, collate_ordinal_batch
 from open_clip_rank.data.ordinal_options import (check_ordinal_data_args, few_shot_subset, label_shift_subset,
                                                  long_tail_subset, official_transforms, rank_counts, training_subset,
                                                  validation_subset)

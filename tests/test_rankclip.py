@@ -1,5 +1,4 @@
 """RankCLIP (--loss-opt rankclip): parity with the released get_loss, ListMLE, ramp, accumulation, flags."""
-import math
 from types import SimpleNamespace
 
 import pytest

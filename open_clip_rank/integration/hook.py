@@ -180,6 +180,7 @@ def _train_one_epoch(original):
         configure_optimizer(optimizer, args, model)  # --param-group-lr, --amsgrad: before the first step
         if current_run() is not None:
             current_run().note_optimizer(optimizer)
+            current_run().note_scaler(scaler)
             write_run_model_config(args)  # logs/<name>/config.json, for the rank CLI's --config-path
         scheduler = wrap_scheduler(scheduler, optimizer, args, steps)  # group rates, --lr-scheduler multistep
         result = original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,

@@ -16,6 +16,7 @@ class TrainingRun:
     args: Any  # the parsed training args (OpenCLIP's and the plugin's flags)
     _locked_model: Optional[weakref.ref] = None
     _optimizer: Optional[weakref.ref] = None
+    _scaler: Any = None
 
     def note_locked_model(self, model) -> None:
         """The model whose image tower ``--lock-image`` just locked (built before the data)."""
@@ -31,6 +32,13 @@ class TrainingRun:
 
     def optimizer(self):
         return self._optimizer() if self._optimizer is not None else None
+
+    def note_scaler(self, scaler) -> None:
+        """AMP's grad scaler (``--precision amp``; None otherwise), kept in the best checkpoint as in OpenCLIP's."""
+        self._scaler = scaler
+
+    def scaler(self):
+        return self._scaler
 
 
 _current: Optional[TrainingRun] = None

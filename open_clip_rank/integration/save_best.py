@@ -161,9 +161,13 @@ def keep_best(model, metrics: Optional[dict], epoch: int, args, save) -> Optiona
     from .run_state import current_run
     checkpoint = {'epoch': epoch, 'name': getattr(args, 'name', None),
                   'state_dict': uncompiled(model).state_dict()}  # as OpenCLIP's main saves its epochs
-    optimizer = current_run().optimizer() if current_run() is not None else None
+    run = current_run()
+    optimizer = run.optimizer() if run is not None else None
     if optimizer is not None:
         checkpoint['optimizer'] = optimizer.state_dict()
+    scaler = run.scaler() if run is not None else None
+    if scaler is not None:  # AMP's loss scale, as OpenCLIP's own checkpoints keep it
+        checkpoint['scaler'] = scaler.state_dict()
     record = {'metric': metric, 'goal': goal, 'value': float(value), 'epoch': epoch,
               'precision': getattr(args, 'precision', None),
               'metrics': {k: _plain(v) for k, v in metrics.items() if isinstance(v, (numbers.Real, str, type(None)))}}

@@ -115,7 +115,7 @@ def _columns_in_order(rows):
 def score_to_folder(model, transform, tokenizer, plan: ScoringPlan, folder, *, rank: int = 0, world_size: int = 1,
                     batch_size: int = 64, workers: int = 0, device=None, progress: bool = False) -> ScoringSummary:
     """Score this process's share of ``plan.partitions`` into ``folder`` (the rest of a killed run, or all)."""
-    from ..inference import _autocast, _image_dtype
+    from ..inference import autocast_for, image_dtype
     device = torch.device(device) if device is not None else next(model.parameters()).device
     summary = ScoringSummary()
     done = outputs.completed_partitions(folder)
@@ -131,8 +131,8 @@ def score_to_folder(model, transform, tokenizer, plan: ScoringPlan, folder, *, r
                              load_truncated=plan.load_truncated)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == 'cuda',
                         prefetch_factor=4 if workers else None, persistent_workers=False)
-    autocast = _autocast(model, device, None)
-    image_dtype = _image_dtype(model)
+    autocast = autocast_for(model, device, None)
+    input_dtype = image_dtype(model)
     prompt_states = _PromptStates(model, tokenizer, device, autocast)
     pending: Dict[str, list] = {}
     pending_skipped: Dict[str, list] = {}
@@ -146,7 +146,7 @@ def score_to_folder(model, transform, tokenizer, plan: ScoringPlan, folder, *, r
         rows = pending.setdefault(name, [])
         skipped = pending_skipped.setdefault(name, [])
         if batch['images'] is not None:
-            images = batch['images'].to(device=device, dtype=image_dtype, non_blocking=True)
+            images = batch['images'].to(device=device, dtype=input_dtype, non_blocking=True)
             with autocast:
                 tokens = model.encode_image_tokens(images)  # the expensive tower: once per image
                 for prompt, indices in _prompt_groups(batch['rows'], plan.prompts, model.needs_prompt).items():
