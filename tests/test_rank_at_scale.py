@@ -245,3 +245,30 @@ def test_a_folder_rerun_must_chunk_the_same_files_and_keep_keys_cannot_shadow_co
     shadow = _rank('--checkpoint-path', setup['checkpoint'], '--shards', setup['url'], '--prompt', PROMPT,
                    '--output-dir', tmp_path / 'o2', '--shard-keep-keys', 'uid', 'url')
     assert shadow.returncode == 2 and '--shard-keep-keys url: the score files already have a column' in shadow.stderr
+
+
+@pytest.mark.e2e
+def test_a_sigkilled_run_resumes_with_every_key_once(setup, tmp_path):
+    """A real process killed with SIGKILL after its first partition: the rerun redoes only the rest."""
+    import signal
+    import time
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'open_clip_rank.rank', '--model', MODEL, '--device', 'cpu', '--no-progress',
+           '--checkpoint-path', str(setup['checkpoint']), '--shards', setup['url'], '--prompt', PROMPT,
+           '--output-dir', str(out), '--batch-size', '1', '--workers', '0']
+    env = subprocess_env(OPEN_CLIP_RANK_MODEL_CONFIGS=str(TEST_CONFIG_DIR))
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600  # a hang guard only
+    while process.poll() is None and time.monotonic() < deadline and not outputs.completed_partitions(out):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=600)
+    first = {name: os.stat(path).st_mtime_ns for name, path in outputs.completed_partitions(out).items()}
+    assert 1 <= len(first) <= 4
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, keys = _scores(out)
+    assert sorted(keys) == sorted(f's{s}_{i:02d}' for s in range(4) for i in range(5))  # every key exactly once
+    for name, mtime in first.items():
+        assert os.stat(outputs.partition_path(out, name)).st_mtime_ns == mtime  # finished partitions kept
+    assert not [p for p in (out / 'scores').iterdir() if p.name.startswith('.')]  # no temporary left

@@ -121,7 +121,7 @@ def run_job(args, model, transform, tokenizer, folder, launch: Optional[Launch] 
     summary = score_to_folder(model, transform, tokenizer, plan, folder, rank=launch.rank,
                               world_size=launch.world_size, batch_size=args.batch_size, workers=args.workers,
                               device=device, progress=not args.no_progress and launch.is_main)
-    _log_summary(summary, launch, folder)
+    _log_summary(summary, launch, folder if args.output_dir else None)
     barrier(launch)
     return plan, summary
 
@@ -129,8 +129,9 @@ def run_job(args, model, transform, tokenizer, folder, launch: Optional[Launch] 
 def _log_summary(summary: ScoringSummary, launch: Launch, folder) -> None:
     where = f"process {launch.rank}/{launch.world_size}: " if launch.world_size > 1 else ''
     rate = f", {summary.rows / summary.seconds:.1f} rows/s" if summary.seconds else ''
+    place = f", in {os.path.join(folder, outputs.SCORES)}" if folder else ''  # None: a temporary folder
     _logger.info(f"{where}{len(summary.written)} partition(s) scored ({summary.rows} rows, {summary.skipped} "
-                 f"skipped{rate}), {len(summary.reused)} already done, in {os.path.join(folder, outputs.SCORES)}.")
+                 f"skipped{rate}), {len(summary.reused)} already done{place}.")
 
 
 # --- the finished folder as the rank CLI's rows --------------------------------------------------------------
