@@ -449,7 +449,7 @@ def _write_folder_metrics(args, model, rows):
     task = registry.sample_type_of_model(model)
     if not task.report or not any(r.get('target') is not None for r in rows):
         return
-    from .evaluation.metrics import json_safe
+    from .files.atomic import json_safe
     from .files.atomic import atomic_write
     report = {'precision': args.precision, **registry.import_function(task.report)(args, model, rows)}
     path = os.path.join(args.output_dir, 'metrics.json')
@@ -460,7 +460,7 @@ def _write_folder_metrics(args, model, rows):
 
 def write_outputs(args, model, rows, skipped, extras):
     """<output>.csv, <output>.json (NaN written as null: valid JSON) and the contact sheet, each atomically."""
-    from .evaluation.metrics import json_safe
+    from .files.atomic import json_safe
     output = Path(args.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_results(rows, output.with_suffix('.csv'), args.pairwise)

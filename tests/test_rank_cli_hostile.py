@@ -411,11 +411,8 @@ def test_cli_metrics_equal_validation_at_the_same_precision(setup, tmp_path, pre
 
 @pytest.mark.unit
 def test_categories_without_pairs_stay_out_of_every_mean():
-    from open_clip_rank.evaluation.metrics import (
-        METRIC_NAMES,
-        json_safe,
-        ranking_metrics,
-    )
+    from open_clip_rank.evaluation.metrics import METRIC_NAMES, ranking_metrics
+    from open_clip_rank.files.atomic import json_safe
     pred, target = [1.0, 2.0, 3.0, 0.5, 7.0], [1.0, 2.0, 4.0, 3.0, 5.0]
     out = ranking_metrics(pred, target, ['a', 'a', 'a', 'a', 'single'])
     alone = ranking_metrics(pred[:4], target[:4], ['a'] * 4)

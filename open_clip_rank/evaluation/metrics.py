@@ -236,18 +236,6 @@ def _nanmean(values):
     return float(sum(finite) / len(finite)) if finite else _NAN
 
 
-def json_safe(value):
-    """``value`` with every non-finite float (NaN, inf: undefined metrics) replaced by None, recursively through
-    dicts, lists and tuples, so ``json.dump(..., allow_nan=False)`` writes valid JSON (null), not ``NaN``."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
 def _category_names(categories, n):
     if categories is None:
         return np.full(n, 'all')

@@ -61,7 +61,7 @@ def plots_folder(args):
 
 
 def _report(metrics, epoch, args, tb_writer):
-    from .metrics import json_safe
+    from ..files.atomic import json_safe
     log_data = {f'val/{name}': value for name, value in metrics.items() if _is_number(value)}  # scalars only
     if args.save_logs:
         if tb_writer is not None:

@@ -69,3 +69,18 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, inf: e.g. undefined metrics) replaced by None, recursively through
+    dicts, lists and tuples, so ``json.dump(..., allow_nan=False)`` writes valid JSON (null), not ``NaN``."""
+    import math
+
+    import numpy as np
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value

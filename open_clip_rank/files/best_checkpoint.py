@@ -89,8 +89,7 @@ def _record_in_checkpoint(path) -> Optional[dict]:
 def write_best(folder, checkpoint: dict, record: dict, save: Callable) -> str:
     """``epoch_best.pt`` (``checkpoint`` with the record under ``BEST_KEY``, through ``save(obj, path)``: the run's
     atomic, checksummed write), then ``best.json``. Returns the checkpoint's path."""
-    from ..evaluation.metrics import json_safe
-    from .atomic import atomic_write
+    from .atomic import atomic_write, json_safe
     path = os.path.join(folder, BEST_CHECKPOINT_NAME)
     summary = {k: v for k, v in record.items() if k != 'metrics'}
     save({**checkpoint, BEST_KEY: summary}, path)
