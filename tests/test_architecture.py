@@ -16,7 +16,7 @@ GENERIC = ['registry.py', 'specs.py', 'rank.py', 'make_shards.py', 'inference.py
            'integration', 'evaluation/validation.py', 'evaluation/metrics.py', 'data/shards.py', 'data/loaders.py',
            'data/batches.py', 'files', 'pictures', 'models/base.py', 'models/checkpoint.py', 'models/towers.py',
            'losses/__init__.py', 'losses/micro_batches.py', 'select.py', 'scoring/curation.py', 'evaluate.py',
-           'push_to_hf_hub.py']
+           'push_to_hf_hub.py', 'hub']
 
 
 def _modules():

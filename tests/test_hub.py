@@ -11,14 +11,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 import open_clip
-from open_clip_rank import push_to_hf_hub as hub
+from open_clip_rank import push_to_hf_hub as push
 from open_clip_rank import registry
+from open_clip_rank.hub import card as hub_card
+from open_clip_rank.hub import folder as hub_folder
 from open_clip_rank.inference import UninitialisedModelError, load_rank_model, predict_images, score_images
 from open_clip_rank.integration import compat
 from helpers import TEST_CONFIG_DIR, call_main, subprocess_env, write_rank_csv
@@ -103,9 +106,9 @@ def pushed(tmp_path_factory):
     for i, name in enumerate(MODELS):
         run = root / f'run{i}'
         checkpoint = _checkpoint(run, name)
-        pushable = hub.build_pushable(name, pretrained=str(checkpoint))
+        pushable = hub_folder.build_pushable(name, pretrained=str(checkpoint))
         folder = root / f'shared{i}'
-        hub.write_local_dir(pushable.model, pushable.tokenizer, pushable.model_config, folder, readme='# card\n')
+        hub_folder.write_local_dir(pushable.model, pushable.tokenizer, pushable.model_config, folder, readme='# card\n')
         out[name] = {'checkpoint': checkpoint, 'folder': folder, 'expected': _reference(name, checkpoint, paths)}
     return out
 
@@ -147,7 +150,7 @@ def test_openclips_save_for_hf_keeps_the_family_from_the_config(tmp_path, pushed
     model, _, _ = load_rank_model('tiny-vit-adapter', checkpoint_path=str(pushed['tiny-vit-adapter']['checkpoint']),
                                   device='cpu')
     folder = tmp_path / 'plain-looking-name'
-    openclip_save_for_hf(model, hub._ShipsWithOpenCLIP(), open_clip.get_model_config('tiny-vit-adapter'), folder)
+    openclip_save_for_hf(model, hub_folder._ShipsWithOpenCLIP(), open_clip.get_model_config('tiny-vit-adapter'), folder)
     family, scores = _loaded(f'local-dir:{folder}', pushed['paths'])
     assert family is registry.FAMILIES['adapter']
     torch.testing.assert_close(scores, pushed['tiny-vit-adapter']['expected'])
@@ -155,21 +158,23 @@ def test_openclips_save_for_hf_keeps_the_family_from_the_config(tmp_path, pushed
 
 @pytest.mark.unit
 def test_a_config_without_the_family_key_is_refused(tmp_path, pushed):
-    pushable = hub.build_pushable('tiny-vit-adapter', pretrained=str(pushed['tiny-vit-adapter']['checkpoint']))
+    pushable = hub_folder.build_pushable('tiny-vit-adapter', pretrained=str(pushed['tiny-vit-adapter']['checkpoint']))
     with pytest.raises(ValueError, match=r"has no family key, but the model is adapter \(config key 'adapter_cfg'\)"):
-        hub.save_for_hf(pushable.model, pushable.tokenizer, open_clip.get_model_config('tiny-vit'), tmp_path / 'x')
-    plain = hub.build_pushable('tiny-vit', pretrained=str(pushed['tiny-vit']['checkpoint']))
+        hub_folder.save_for_hf(pushable.model, pushable.tokenizer, open_clip.get_model_config('tiny-vit'),
+                               tmp_path / 'x')
+    plain = hub_folder.build_pushable('tiny-vit', pretrained=str(pushed['tiny-vit']['checkpoint']))
     with pytest.raises(ValueError, match='adapter key'):
-        hub.save_for_hf(plain.model, plain.tokenizer, open_clip.get_model_config('tiny-vit-adapter'), tmp_path / 'y')
+        hub_folder.save_for_hf(plain.model, plain.tokenizer, open_clip.get_model_config('tiny-vit-adapter'),
+                               tmp_path / 'y')
 
 
 @pytest.mark.unit
 def test_round_trip_check_catches_a_config_that_builds_another_model(tmp_path, pushed):
-    pushable = hub.build_pushable('tiny-vit', pretrained=str(pushed['tiny-vit']['checkpoint']))
+    pushable = hub_folder.build_pushable('tiny-vit', pretrained=str(pushed['tiny-vit']['checkpoint']))
     folder = tmp_path / 'other'
-    hub.save_for_hf(pushable.model, pushable.tokenizer, {**pushable.model_config, 'quick_gelu': True}, folder)
-    with pytest.raises(hub.RoundTripError, match='gives other image features'):
-        hub.check_round_trip(folder, pushable.model, pushable.tokenizer)
+    hub_folder.save_for_hf(pushable.model, pushable.tokenizer, {**pushable.model_config, 'quick_gelu': True}, folder)
+    with pytest.raises(hub_folder.RoundTripError, match='gives other image features'):
+        hub_folder.check_round_trip(folder, pushable.model, pushable.tokenizer)
 
 
 @pytest.mark.unit
@@ -182,7 +187,7 @@ def test_config_path_and_the_runs_overrides(tmp_path, pushed):
     config_file = run / 'config.json'
     config_file.write_text(json.dumps(open_clip.get_model_config('tiny-vit-adapter')))
     folder = tmp_path / 'out'
-    result = call_main(hub.main, ['--config-path', config_file, '--pretrained', checkpoint, '--local-dir', folder])
+    result = call_main(push.main, ['--config-path', config_file, '--pretrained', checkpoint, '--local-dir', folder])
     assert result.returncode == 0, result.stderr
     written = json.loads((folder / 'open_clip_config.json').read_text())['model_cfg']
     assert written['quick_gelu'] is True and 'adapter_cfg' in written
@@ -197,7 +202,7 @@ def test_a_local_dir_or_hub_source_is_pushed_with_its_own_weights(tmp_path, push
     """No --pretrained: a local-dir: (or hf-hub:) model's own weights, e.g. to re-push a downloaded repo."""
     source = pushed['tiny-rn-ordinal']['folder']
     folder = tmp_path / 'again'
-    result = call_main(hub.main, ['--model', f'local-dir:{source}', '--local-dir', folder, '--precision', 'bf16'])
+    result = call_main(push.main, ['--model', f'local-dir:{source}', '--local-dir', folder, '--precision', 'bf16'])
     assert result.returncode == 0, result.stderr
     family, scores = _loaded(f'local-dir:{folder}', pushed['paths'])
     assert family is registry.FAMILIES['ordinal']
@@ -218,8 +223,8 @@ def test_card_of_an_adapter_run(tmp_path):
              {'epoch': 2, 'srcc': 0.5, 'krcc': 0.4, 'plcc': 0.6, 'mae': 1.25, 'pair_acc': 0.7, 'circle/srcc': 0.55,
               'square/srcc': 0.45, 'num_samples': 6.0, 'precision': 'amp'})
     folder = tmp_path / 'out'
-    result = call_main(hub.main, ['--pretrained', checkpoint, '--local-dir', folder, '--repo-id', 'org/counter',
-                                  '--dataset-name', 'Counting'])
+    result = call_main(push.main, ['--pretrained', checkpoint, '--local-dir', folder, '--repo-id', 'org/counter',
+                                   '--dataset-name', 'Counting'])
     assert result.returncode == 0, result.stderr
     assert 'hf upload org/counter' in result.stdout
     card = (folder / 'README.md').read_text()
@@ -245,8 +250,8 @@ def test_card_of_an_ordinal_model_with_a_metrics_file(tmp_path):
     metrics.write_text(json.dumps({'mae_exp': 0.75, 'acc_exp': 0.5, 'mae_max': 0.8, 'acc_max': 0.45,
                                    'ordinality': 0.9, 'srcc': 0.3}))
     folder = tmp_path / 'out'
-    result = call_main(hub.main, ['--model', 'tiny-rn-ordinal', '--pretrained', checkpoint, '--local-dir', folder,
-                                  '--metrics', metrics, '--instructions', 'age estimation'])
+    result = call_main(push.main, ['--model', 'tiny-rn-ordinal', '--pretrained', checkpoint, '--local-dir', folder,
+                                   '--metrics', metrics, '--instructions', 'age estimation'])
     assert result.returncode == 0, result.stderr
     card = (folder / 'README.md').read_text()
     assert 'pipeline_tag: image-classification' in card and 'OrdinalCLIP' in card
@@ -263,7 +268,7 @@ def test_card_of_a_rankclip_trained_clip_model(tmp_path):
     _params(run, model='tiny-vit', loss_opt='rankclip', train_data='/data/{00000..00009}.tar')
     _results(run, {'epoch': 1, 'image_to_text_mean_rank': 3.5, 'val_loss': 0.25, 'precision': 'amp'})
     folder = tmp_path / 'out'
-    result = call_main(hub.main, ['--pretrained', checkpoint, '--local-dir', folder, '--repo-id', 'org/clip'])
+    result = call_main(push.main, ['--pretrained', checkpoint, '--local-dir', folder, '--repo-id', 'org/clip'])
     assert result.returncode == 0, result.stderr
     card = (folder / 'README.md').read_text()
     assert registry.LOSSES['rankclip'].summary in card and 'CLIP (CLIP, OpenCLIP' in card
@@ -281,7 +286,7 @@ def test_every_family_and_sample_type_has_a_card(tmp_path):
         sample_type = registry.SAMPLE_TYPES[family.sample_types[0]]
         assert sample_type.card_metrics and sample_type.describe_data
     csv = write_rank_csv(tmp_path, counts=(2, 7), per_count=1)
-    options = hub.SimpleNamespace(**hub.DATA_OPTION_DEFAULTS, num_ranks=None)
+    options = SimpleNamespace(**hub_card.DATA_OPTION_DEFAULTS, num_ranks=None)
     described = registry.import_function(registry.SAMPLE_TYPES['rank'].describe_data)(csv, options)
     assert described == {'rows': 4, 'instructions': ['Rank the numbers of circle.', 'Rank the numbers of square.'],
                          'categories': ['circle', 'square'], 'targets': [2.0, 7.0], 'target_column': 'value'}
@@ -325,7 +330,7 @@ def test_refusals(tmp_path, pushed):
         (['--model', 'tiny-rn-ordinal', '--pretrained', adapter, *out], 'does not fit this model'),
     ]
     for argv, message in cases:
-        result = call_main(hub.main, argv)
+        result = call_main(push.main, argv)
         assert result.returncode == 2, (argv, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith('open_clip_rank.push_to_hf_hub: error: ') and message in last, (argv, last)
@@ -377,9 +382,9 @@ def test_push_uses_huggingface_hubs_current_api(monkeypatch, tmp_path, pushed, h
     monkeypatch.setattr(huggingface_hub, 'HfApi', _FakeApi)
     monkeypatch.setattr(_FakeApi, 'calls', [])
     monkeypatch.setattr(_FakeApi, 'has_readme', has_readme)
-    result = call_main(hub.main, ['--model', 'tiny-vit-adapter', '--pretrained',
-                                  pushed['tiny-vit-adapter']['checkpoint'], '--repo-id', 'org/shared', '--private',
-                                  '--create-pr'])
+    result = call_main(push.main, ['--model', 'tiny-vit-adapter', '--pretrained',
+                                   pushed['tiny-vit-adapter']['checkpoint'], '--repo-id', 'org/shared', '--private',
+                                   '--create-pr'])
     assert result.returncode == 0, result.stderr
     expected = ['open_clip_config.json', 'open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
     assert _FakeApi.calls == [('create_repo', 'org/shared', True, True), ('file_exists', 'org/shared', 'README.md'),
@@ -399,8 +404,8 @@ def test_a_failed_push_is_one_line(monkeypatch, pushed):
             raise OfflineModeIsEnabled('Cannot reach https://huggingface.co: offline mode is enabled.')
 
     monkeypatch.setattr(huggingface_hub, 'HfApi', Offline)
-    result = call_main(hub.main, ['--model', 'tiny-vit-adapter', '--pretrained',
-                                  pushed['tiny-vit-adapter']['checkpoint'], '--repo-id', 'org/shared'])
+    result = call_main(push.main, ['--model', 'tiny-vit-adapter', '--pretrained',
+                                   pushed['tiny-vit-adapter']['checkpoint'], '--repo-id', 'org/shared'])
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('open_clip_rank.push_to_hf_hub: error: the push to org/shared failed '

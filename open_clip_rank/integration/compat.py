@@ -250,9 +250,10 @@ def openclip_evaluates_val(args, epoch: int) -> bool:
     return bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
 
 
-# open_clip.push_to_hf_hub: the writers the plugin's push command (open_clip_rank/push_to_hf_hub.py) reuses, with
-# the parameters it passes. OpenCLIP's own push cannot run with huggingface_hub 2.x (it imports a name 2.x removed,
-# and fetches an HF copy of the CLIP tokenizer): the plugin pushes with huggingface_hub's current API instead.
+# open_clip.push_to_hf_hub: the writers the plugin's push command reuses (open_clip_rank/hub/folder.py and
+# hub/card.py), with the parameters it passes. OpenCLIP's own push cannot run with huggingface_hub 2.x (it
+# imports a name 2.x removed, and fetches an HF copy of the CLIP tokenizer): the plugin pushes with
+# huggingface_hub's current API instead.
 OPENCLIP_HUB_WRITERS = {'save_for_hf': ('model', 'tokenizer', 'model_config', 'save_directory', 'safe_serialization'),
                         'generate_readme': ('model_card', 'model_name')}
 
