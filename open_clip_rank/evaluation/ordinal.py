@@ -16,7 +16,7 @@ from ..data.ordinal_options import check_rank_window
 from ..models.base import unwrap
 from ..pictures.heatmaps import confusion_png, heatmap_png
 from .metrics import as_array, check_lengths
-from .validation import inference_setup, plots_folder
+from .validation import finite_predictions, inference_setup, plots_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -105,13 +105,7 @@ def predict_ordinal(model, dataloader, device, autocast, input_dtype=None):
 def ordinal_validation(model, info, args, epoch=None) -> dict:
     device, autocast, input_dtype = inference_setup(model, args)
     expected, argmax, labels = predict_ordinal(model, info.dataloader, device, autocast, input_dtype)
-    finite = torch.isfinite(expected)  # as in the rank CLI: a non-finite prediction takes no part, counted
-    dropped = int((~finite).sum())
-    if dropped:
-        expected, argmax, labels = expected[finite], argmax[finite], labels[finite]
-        _logger.warning(f"Validation: {dropped} image(s) with a non-finite expected rank left out of the metrics: "
-                        f"the model's weights or inputs produce non-finite values (fp16 overflow under --precision "
-                        f"{getattr(args, 'precision', '?')}, diverged training).")
+    expected, argmax, labels, dropped = finite_predictions(expected, argmax, labels, what='expected rank', args=args)
     metrics = ordinal_metrics(expected.numpy(), argmax.numpy(), labels.numpy())
     if dropped:
         metrics['num_non_finite'] = float(dropped)

@@ -8,7 +8,7 @@ import torch
 
 from ..models.base import unwrap
 from .metrics import METRIC_NAMES, format_metrics_table, ranking_metrics, round_predictions
-from .validation import inference_setup
+from .validation import finite_predictions, inference_setup
 
 _logger = logging.getLogger(__name__)
 
@@ -40,13 +40,8 @@ def ranking_validation(model, info, args, epoch=None) -> dict:
     """
     device, autocast, input_dtype = inference_setup(model, args)
     scores, targets, category_ids = predict(model, info.dataloader, device, autocast, input_dtype)
-    finite = torch.isfinite(scores)
-    dropped = int((~finite).sum())
-    if dropped:
-        scores, targets, category_ids = scores[finite], targets[finite], category_ids[finite]
-        _logger.warning(f"Validation: {dropped} image(s) with a non-finite score left out of the metrics: the "
-                        f"model's weights or inputs produce non-finite values (fp16 overflow under "
-                        f"--precision {getattr(args, 'precision', '?')}, diverged training).")
+    scores, targets, category_ids, dropped = finite_predictions(scores, targets, category_ids, what='score',
+                                                                args=args)
     names = info.table.category_names
     metrics = ranking_metrics(scores.numpy(), targets.numpy(), [names[i] for i in category_ids.tolist()])
     if dropped:

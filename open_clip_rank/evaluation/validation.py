@@ -55,6 +55,19 @@ def inference_setup(model, args):
     return device, get_autocast(args.precision, device_type=device.type), get_input_dtype(args.precision)
 
 
+def finite_predictions(predictions, *aligned, what: str, args):
+    """(predictions, *aligned, number dropped): the rows whose prediction is finite, as in the rank CLI, where a
+    non-finite prediction is never ranked; the number dropped is logged (and reported as ``num_non_finite``)."""
+    finite = torch.isfinite(predictions)
+    dropped = int((~finite).sum())
+    if not dropped:
+        return (predictions, *aligned, 0)
+    _logger.warning(f"Validation: {dropped} image(s) with a non-finite {what} left out of the metrics: the model's "
+                    f"weights or inputs produce non-finite values (fp16 overflow under --precision "
+                    f"{getattr(args, 'precision', '?')}, diverged training).")
+    return (predictions[finite], *(x[finite] for x in aligned), dropped)
+
+
 def plots_folder(args):
     """Where validation pictures go: ``logs/<name>/plots/``."""
     return os.path.join(os.path.dirname(args.checkpoint_path), 'plots')
