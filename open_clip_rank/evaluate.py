@@ -156,7 +156,7 @@ def evaluate(args, rest, rank_parser, template, datasets, checkpoints, labels) -
     quiet_torch_loggers()
     out = Path(args.output_dir)
     status = 0
-    for checkpoint, label in zip(checkpoints, labels, strict=True):
+    for checkpoint, label in zip(checkpoints, labels):
         try:
             model, transform, tokenizer = _load(template, checkpoint)
         except (ValueError, FileNotFoundError) as err:
@@ -185,7 +185,7 @@ def _load(template, checkpoint):
 
 def _rank_dataset(rank_parser, rest, model, transform, tokenizer, path, output, checkpoint) -> int:
     """The rank CLI on one dataset with a loaded model (``rank.score`` and ``rank.report_rows``): its exit status."""
-    from .rank import check_inputs, check_outputs, check_request, report_rows, score, score_folder, unsupported_precision
+    from .rank import check_inputs, check_outputs, check_request, refusal, report_rows, score, score_folder
     from .scoring.job import Launch
     argv = [*rest, '--csv', path, '--output-path', str(output)]
     if checkpoint is not None:
@@ -198,11 +198,8 @@ def _rank_dataset(rank_parser, rest, model, transform, tokenizer, path, output, 
         with score_folder(args) as folder:
             result = score(args, model, transform, tokenizer, folder, Launch())
             return report_rows(args, model, *result)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {path}: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        message = unsupported_precision(err, args.precision)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        message = refusal(err, args.precision)
         if message is None:
             raise
         print(f"{PROG}: error: {path}: {message}", file=sys.stderr)

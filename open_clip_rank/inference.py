@@ -79,7 +79,7 @@ PRECISIONS = ('fp32', 'bf16', 'fp16', 'amp', 'amp_bf16', 'amp_bfloat16', 'pure_b
 AUTOCAST_DTYPES = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
 
 
-def image_dtype(model) -> torch.dtype | None:
+def image_dtype(model) -> Optional[torch.dtype]:
     """The dtype images must have for the model's image tower: its low precision when its weights were cast
     (``--precision bf16|fp16``), else None (images stay float32; autocast handles ``amp``)."""
     tower = getattr(model, 'visual', model)

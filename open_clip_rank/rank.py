@@ -352,11 +352,8 @@ def _main(args):
     with score_folder(args) as folder:
         try:
             result = score(args, model, transform, tokenizer, folder, launch)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"open_clip_rank.rank: error: {err}", file=sys.stderr)
-            return 2
-        except RuntimeError as err:
-            message = unsupported_precision(err, args.precision)
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            message = refusal(err, args.precision)
             if message is None:
                 raise
             print(f"open_clip_rank.rank: error: {message}", file=sys.stderr)
@@ -369,6 +366,14 @@ def _main(args):
         if isinstance(result, FolderSummary):
             return _report_summary(args, result)
         return report_rows(args, model, *result)
+
+
+def refusal(err: Exception, precision: str):
+    """The one line a scoring error becomes (bad input, or a precision torch cannot run here), or None for an error
+    that is a bug to report (re-raised)."""
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return str(err)
+    return unsupported_precision(err, precision) if isinstance(err, RuntimeError) else None
 
 
 def unsupported_precision(err: RuntimeError, precision: str):
