@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 from typing import Callable, Optional
 
 _logger = logging.getLogger(__name__)
@@ -98,13 +97,9 @@ def write_best(folder, checkpoint: dict, record: dict, save: Callable) -> str:
     return path
 
 
-def _natural_key(path: str):
-    """OpenCLIP's ``natural_key`` (digit runs compare as numbers: 'epoch_10.pt' after 'epoch_9.pt')."""
-    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', path.lower())]
-
-
 def latest_regular_checkpoint(path: str) -> Optional[str]:
     """OpenCLIP's local ``get_latest_checkpoint`` search (``path + '**/*.pt'``, recursive, the last by its natural
     key) without the best checkpoint; None when nothing else is there."""
+    from .checkpoints import natural_order  # OpenCLIP's natural_key: 'epoch_10.pt' after 'epoch_9.pt'
     found = [p for p in glob.glob(path + '**/*.pt', recursive=True) if not is_best_checkpoint(p)]
-    return sorted(found, key=_natural_key)[-1] if found else None
+    return sorted(found, key=natural_order)[-1] if found else None

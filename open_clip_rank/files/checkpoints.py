@@ -135,7 +135,7 @@ def inside(folder, path) -> bool:
 
 # --- resume --------------------------------------------------------------------------------------------
 
-def _natural_order(path):
+def natural_order(path):
     """'epoch_10.pt' after 'epoch_9.pt': digit runs compare as numbers (runs alternate str, int, str, ...)."""
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r'(\d+)', path.lower()))]
 
@@ -148,7 +148,7 @@ def resume_candidates(failed_path) -> list:
     found = glob.glob(os.path.join(folder, '**', '*.pt'), recursive=True)
     failed = os.path.abspath(os.fspath(failed_path))
     return sorted((p for p in found if os.path.abspath(p) != failed and not is_best_checkpoint(p)),
-                  key=_natural_order, reverse=True)
+                  key=natural_order, reverse=True)
 
 
 def _load_intact(original_load, path, map_location):

@@ -10,6 +10,7 @@ partition in flight.
 """
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -87,17 +88,18 @@ def _prompt_groups(rows, prompts, needs_prompt):
 def _output_rows(rows, indices, prompt, predictions, probabilities, skipped):
     """One output row per scored (image, prompt); a non-finite prediction is listed as skipped, not written."""
     from ..inference import non_finite_reason
-    scalars = {k: v.float().cpu() for k, v in predictions.items() if v.ndim == 1}
-    others = {k: v.float().cpu() for k, v in predictions.items() if v.ndim > 1} if probabilities else {}
+    # one device-to-host copy and one conversion per prediction, not one per image
+    scalars = {k: v.float().cpu().tolist() for k, v in predictions.items() if v.ndim == 1}
+    others = {k: v.float().cpu().tolist() for k, v in predictions.items() if v.ndim > 1} if probabilities else {}
     out = []
     for j, i in enumerate(indices):
-        values = {k: v[j].item() for k, v in scalars.items()}
-        bad = next(((k, x) for k, x in values.items() if x != x or x in (float('inf'), float('-inf'))), None)
+        values = {k: v[j] for k, v in scalars.items()}
+        bad = next(((k, x) for k, x in values.items() if not math.isfinite(x)), None)
         row = {**rows[i], 'prompt': prompt if prompt is not None else rows[i].get('prompt', '')}
         if bad is not None:
             skipped.append({**row, 'reason': non_finite_reason(*bad)})
             continue
-        out.append({**row, **values, **{k: v[j].tolist() for k, v in others.items()}})
+        out.append({**row, **values, **{k: v[j] for k, v in others.items()}})
     return out
 
 
@@ -150,8 +152,9 @@ def score_to_folder(model, transform, tokenizer, plan: ScoringPlan, folder, *, r
             with autocast:
                 tokens = model.encode_image_tokens(images)  # the expensive tower: once per image
                 for prompt, indices in _prompt_groups(batch['rows'], plan.prompts, model.needs_prompt).items():
-                    index = torch.tensor(indices, device=tokens.device)
-                    predictions = model.rank_predictions(tokens.index_select(0, index), prompt_states[prompt])
+                    group = tokens if len(indices) == len(tokens) else tokens.index_select(  # every row: no copy
+                        0, torch.tensor(indices, device=tokens.device))
+                    predictions = model.rank_predictions(group, prompt_states[prompt])
                     rows.extend(_output_rows(batch['rows'], indices, prompt, predictions, plan.probabilities,
                                              skipped))
         if batch['final']:
