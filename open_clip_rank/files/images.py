@@ -155,14 +155,20 @@ def _load(image, load_truncated):
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def _oriented(image):
-    """The image turned as its EXIF orientation says (a new image); as stored when its EXIF block is damaged."""
+    """The image turned as its EXIF orientation says (a new image), or the image itself when it needs no turn or its
+    EXIF block is damaged (``_to_rgb`` makes the copy every image gets: no second full-image copy per image)."""
     from PIL import ImageOps
     try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except Exception as err:  # noqa: BLE001 - a damaged EXIF block must not make readable pixels unreadable
         _logger.debug(f"EXIF orientation ignored ({type(err).__name__}: {err})")
-        return image.copy()
+        return image
 
 
 def _to_rgb(image):

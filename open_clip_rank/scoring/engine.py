@@ -150,7 +150,8 @@ def score_to_folder(model, transform, tokenizer, plan: ScoringPlan, folder, *, r
         if batch['images'] is not None:
             images = batch['images'].to(device=device, dtype=input_dtype, non_blocking=True)
             with autocast:
-                tokens = model.encode_image_tokens(images)  # the expensive tower: once per image
+                # the expensive tower, once per image; contiguous once, so every prompt reads the same layout
+                tokens = model.encode_image_tokens(images).contiguous()
                 for prompt, indices in _prompt_groups(batch['rows'], plan.prompts, model.needs_prompt).items():
                     group = tokens if len(indices) == len(tokens) else tokens.index_select(  # every row: no copy
                         0, torch.tensor(indices, device=tokens.device))

@@ -7,14 +7,13 @@ the main process knows when a partition is complete and can write it. Batches ar
 DataLoader's collation (``batch_size=None``), so a batch never mixes partitions and pinned memory applies to the
 image tensor. Nothing here touches the model: the main process only moves tensors and runs the towers.
 """
-import json
 import logging
 from typing import List, Optional
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..data.shards import image_bytes
+from ..data.shards import image_bytes, sample_meta
 from ..files.images import open_rgb
 from .partitions import Partition
 
@@ -110,9 +109,7 @@ class PartitionStream(IterableDataset):
         if 'json' not in sample:
             raise ValueError('no .json in the sample (needed for ' + ', '.join(
                 k for k in (self.prompt_key, *self.extra_keys, *self.truth_keys.values()) if k) + ')')
-        meta = json.loads(sample['json'])
-        if not isinstance(meta, dict):
-            raise ValueError('its .json is not an object')
+        meta = sample_meta(sample)
         out = {k: meta[k] for k in self.extra_keys if k in meta}
         out.update({column: meta[key] for column, key in self.truth_keys.items() if key in meta})
         if self.prompt_key:
