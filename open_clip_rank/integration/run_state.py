@@ -79,8 +79,10 @@ def write_run_model_config(args):
     if getattr(args, 'rank', 0) != 0 or not getattr(args, 'logs', None) or not getattr(args, 'name', None):
         return None
     path = os.path.join(args.logs, args.name, 'config.json')
+    if os.path.exists(path):  # written at the first epoch (called before every epoch)
+        return None
     config = read_model_config(args.model)
-    if os.path.exists(path) or config is None or registry.family_for_config(config) is None:
+    if config is None or registry.family_for_config(config) is None:
         return None
     config = copy.deepcopy(config)
     if getattr(args, 'force_quick_gelu', False):
