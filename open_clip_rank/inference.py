@@ -135,15 +135,9 @@ def _refuse_prompt(model, what):
 
 def _register_config_file(config_path) -> str:
     """An official ``model-config.json`` (or any model config file) becomes a named OpenCLIP config."""
+    from .integration.compat import read_model_config_file
     config_path = Path(config_path)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"model config {config_path} does not exist.")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model config {config_path} is not valid JSON ({err}).")
-    cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json wraps the model config
-    cfg.pop('model_version', None)  # the official inference script passes it beside the config
+    cfg = read_model_config_file(config_path)
     if family_for_config(cfg) is None:
         keys = [f.config_key for f in FAMILIES.values()]
         raise ValueError(f"model config {config_path} has none of {keys}: it is not a rank-model config.")

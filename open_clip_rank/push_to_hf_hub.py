@@ -20,8 +20,9 @@ import tempfile
 from typing import Optional
 
 from . import registry
+from .integration.compat import read_model_config_file
 from .hub.card import _card_facts, model_card
-from .hub.folder import PRECISIONS, README, _read_config_file, build_pushable, check_round_trip, save_for_hf, \
+from .hub.folder import PRECISIONS, README, build_pushable, check_round_trip, save_for_hf, \
     write_local_dir
 from .hub.run_folder import checkpoint_epoch, read_params, run_folder_of
 
@@ -128,7 +129,7 @@ def _preflight(args, model_name) -> None:
         raise ValueError(f"--repo-id {args.repo_id}: a Hub repo id is ORG/NAME.")
     if args.hf_tokenizer_self and not args.repo_id:
         raise ValueError("--hf-tokenizer-self points the config at the pushed repo: give --repo-id ORG/NAME.")
-    config = _read_config_file(args.config_path) if args.config_path else (
+    config = read_model_config_file(args.config_path) if args.config_path else (
         read_model_config(model_name) if model_name else None)
     family = registry.family_for_config(config)
     if family is not None and family.square_resize and (args.image_interpolation or args.image_resize_mode):

@@ -7,12 +7,11 @@ folder, and ``--resume latest`` never taking the best for the newest.
   atomically after the checkpoint. Should a run stop between the two writes, the record inside the checkpoint wins
   (``read_best``: the checkpoint is newer than the JSON);
 * OpenCLIP's ``get_latest_checkpoint`` sorts ``*.pt`` by a natural key, under which ``epoch_best.pt`` comes after
-  every ``epoch_N.pt``: ``latest_regular_checkpoint`` is the same search without it (``integration/hook.py`` puts it
-  in OpenCLIP's place; ``checkpoints.resume_candidates`` leaves it out too).
+  every ``epoch_N.pt``: ``checkpoints.latest_regular_checkpoint`` is the same search without it
+  (``integration/hook.py`` puts it in OpenCLIP's place; ``checkpoints.resume_candidates`` leaves it out too).
 
 Imports no ``open_clip_train`` module.
 """
-import glob
 import json
 import logging
 import math
@@ -95,11 +94,3 @@ def write_best(folder, checkpoint: dict, record: dict, save: Callable) -> str:
     with atomic_write(os.path.join(folder, BEST_RECORD_NAME), 'w') as f:
         json.dump(json_safe({**record, 'checkpoint': BEST_CHECKPOINT_NAME}), f, indent=2, allow_nan=False)
     return path
-
-
-def latest_regular_checkpoint(path: str) -> Optional[str]:
-    """OpenCLIP's local ``get_latest_checkpoint`` search (``path + '**/*.pt'``, recursive, the last by its natural
-    key) without the best checkpoint; None when nothing else is there."""
-    from .checkpoints import natural_order  # OpenCLIP's natural_key: 'epoch_10.pt' after 'epoch_9.pt'
-    found = [p for p in glob.glob(path + '**/*.pt', recursive=True) if not is_best_checkpoint(p)]
-    return sorted(found, key=natural_order)[-1] if found else None

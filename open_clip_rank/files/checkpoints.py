@@ -151,6 +151,14 @@ def resume_candidates(failed_path) -> list:
                   key=natural_order, reverse=True)
 
 
+def latest_regular_checkpoint(path: str) -> Optional[str]:
+    """OpenCLIP's local ``get_latest_checkpoint`` search (``path + '**/*.pt'``, recursive, the last by its natural
+    key) without the best checkpoint; None when nothing else is there."""
+    from .best_checkpoint import is_best_checkpoint
+    found = [p for p in glob.glob(path + '**/*.pt', recursive=True) if not is_best_checkpoint(p)]
+    return sorted(found, key=natural_order)[-1] if found else None
+
+
 def _load_intact(original_load, path, map_location):
     """(checkpoint, None) or (None, why the file is damaged): verified before loading, so a flipped bit is
     found too, not only the errors torch happens to raise on a cut file."""

@@ -15,9 +15,7 @@ What the plugin adds to OpenCLIP's folder:
 
 Everything family-specific comes from the registry; this module never names a family.
 """
-import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .. import registry
+from ..integration.compat import config_as_built, read_model_config_file
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16')  # the dtype of the weights written
 WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pth')  # what OpenCLIP's local-dir:/hf-hub: loaders pick up
@@ -162,39 +161,6 @@ class Pushable:
     precision: str = 'fp32'
 
 
-def _read_config_file(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {path} does not exist.")
-    try:
-        config = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model config {path} is not valid JSON ({err}).") from None
-    config = config.get('model_cfg', config)  # open_clip_config.json wraps the model config
-    config.pop('model_version', None)  # the official inference script passes it beside the config
-    return config
-
-
-def run_overrides(config: dict, params: dict) -> dict:
-    """``config`` as the training run built it: OpenCLIP's ``--force-*`` and ``--siglip`` overrides of its
-    ``params.txt`` (``params``) applied (``create_model`` applies them to the named config at build time)."""
-    config = copy.deepcopy(config)
-    if params.get('force_quick_gelu'):
-        config['quick_gelu'] = True
-    if params.get('force_custom_text'):
-        config['custom_text'] = True
-    size = params.get('force_image_size')
-    if size:
-        config.setdefault('vision_cfg', {})['image_size'] = size[0] if isinstance(size, (list, tuple)) \
-            and len(size) == 1 else size
-    if params.get('force_context_length'):
-        config.setdefault('text_cfg', {})['context_length'] = params['force_context_length']
-    if params.get('siglip'):  # open_clip_train.main's model_kwargs for --siglip
-        config['init_logit_scale'] = math.log(10)
-        config['init_logit_bias'] = -10
-    return config
-
-
 def _register(config: dict, name: str) -> str:
     """``config`` as a named OpenCLIP config (a temporary folder, removed once read)."""
     import open_clip
@@ -234,14 +200,14 @@ def build_pushable(model: Optional[str] = None, config_path=None, pretrained: Op
             raise ValueError(f"model {model}: its config cannot be read.")
         name = model if schema is None else Path(model.split(':', 1)[1]).name
     else:
-        config = _read_config_file(config_path)
+        config = read_model_config_file(config_path)
         name = (run_params or {}).get('model') or Path(config_path).stem
     preprocess = dict(image_mean=image_mean, image_std=image_std, image_interpolation=image_interpolation,
                       image_resize_mode=image_resize_mode)
     is_file = pretrained is not None and os.path.isfile(pretrained)
     if is_file:  # built from the config itself (with the run's overrides), so the config written is the one built
         check_readable(pretrained, fix='Pass a complete checkpoint (--pretrained).')
-        config = run_overrides(config, run_params or {})
+        config = config_as_built(config, run_params or {})
         build_name, build_pretrained, quick_gelu = _register(config, name), pretrained, False
     elif pretrained is not None:  # an OpenCLIP tag
         if schema is not None or model is None:

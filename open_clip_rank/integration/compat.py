@@ -239,6 +239,46 @@ def read_model_config(model_name: str):
         return None
 
 
+def read_model_config_file(path) -> dict:
+    """A model config file as OpenCLIP's ``model_cfg``: a config JSON, an ``open_clip_config.json`` (which wraps it
+    under ``model_cfg``) or the official adapter ``model-config.json`` (its ``model_version`` dropped: the official
+    inference script passes it beside the config). A missing file or bad JSON is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} does not exist.")
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config {path} is not valid JSON ({err}).") from None
+    config = config.get('model_cfg', config)
+    config.pop('model_version', None)
+    return config
+
+
+def config_as_built(config: dict, flags: dict) -> dict:
+    """``config`` as ``open_clip_train.main`` builds it with these training flags (a namespace's ``vars`` or a
+    run's ``params.txt``): ``create_model`` applies ``--force-quick-gelu``, ``--force-custom-text``,
+    ``--force-image-size``, ``--force-context-length`` and ``--siglip``'s model kwargs at build time, so the named
+    config alone does not say them."""
+    import copy
+    import math
+    config = copy.deepcopy(config)
+    if flags.get('force_quick_gelu'):
+        config['quick_gelu'] = True
+    if flags.get('force_custom_text'):
+        config['custom_text'] = True
+    size = flags.get('force_image_size')
+    if size:
+        config.setdefault('vision_cfg', {})['image_size'] = size[0] if isinstance(size, (list, tuple)) \
+            and len(size) == 1 else size
+    if flags.get('force_context_length'):
+        config.setdefault('text_cfg', {})['context_length'] = flags['force_context_length']
+    if flags.get('siglip'):  # main's model_kwargs for --siglip
+        config['init_logit_scale'] = math.log(10)
+        config['init_logit_bias'] = -10
+    return config
+
+
 def split_model_name(model_name: str):
     """(schema, identifier): schema is 'hf-hub', 'local-dir' or None (a built-in or registered name)."""
     from open_clip import factory

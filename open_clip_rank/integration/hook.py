@@ -321,7 +321,8 @@ def _latest_checkpoint(original, module):
     """``--resume latest``'s search (``get_latest_checkpoint`` of OpenCLIP's main ``module``) without
     ``epoch_best.pt``, which its natural sort puts after every ``epoch_N.pt``."""
     def get_latest_checkpoint(path, remote):
-        from ..files.best_checkpoint import BEST_CHECKPOINT_NAME, is_best_checkpoint, latest_regular_checkpoint
+        from ..files.best_checkpoint import BEST_CHECKPOINT_NAME, is_best_checkpoint
+        from ..files.checkpoints import latest_regular_checkpoint
         latest = original(path, remote)
         if latest is None or not is_best_checkpoint(latest):
             return latest

@@ -69,13 +69,12 @@ def write_run_model_config(args):
     applies when it builds the model), the file the rank CLI's ``--config-path`` takes: as the original adapter code,
     the run folder alone is enough to rank (``--config-path logs/<name>/config.json --checkpoint-path
     logs/<name>/checkpoints/epoch_N.pt``). Rank-family models only; once per run, by the first process."""
-    import copy
     import json
     import os
 
     from .. import registry
     from ..files.atomic import atomic_write
-    from .compat import read_model_config
+    from .compat import config_as_built, read_model_config
     if getattr(args, 'rank', 0) != 0 or not getattr(args, 'logs', None) or not getattr(args, 'name', None):
         return None
     path = os.path.join(args.logs, args.name, 'config.json')
@@ -84,15 +83,7 @@ def write_run_model_config(args):
     config = read_model_config(args.model)
     if config is None or registry.family_for_config(config) is None:
         return None
-    config = copy.deepcopy(config)
-    if getattr(args, 'force_quick_gelu', False):
-        config['quick_gelu'] = True
-    image_size = getattr(args, 'force_image_size', None)
-    if image_size:
-        config.setdefault('vision_cfg', {})['image_size'] = image_size[0] if isinstance(image_size, (list, tuple)) \
-            and len(image_size) == 1 else image_size
-    if getattr(args, 'force_context_length', None):
-        config.setdefault('text_cfg', {})['context_length'] = args.force_context_length
+    config = config_as_built(config, vars(args))  # as OpenCLIP built the model (--force-*, --siglip)
     with atomic_write(path, 'w') as f:
         json.dump(config, f, indent=2)
     return path
