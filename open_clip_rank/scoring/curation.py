@@ -27,6 +27,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..files.atomic import atomic_path
+from ..files.images import SHARD_IMAGE_KEYS
 from .outputs import ScoreFolderError, completed_partitions
 
 # the columns select reads and writes: the identity of a sample and the prompt; the score column is added
@@ -300,7 +301,7 @@ def reshard(samples, folder, max_samples: int) -> Dict[str, int]:
     return write_shards(kept_shard_samples(samples), folder, max_samples)
 
 
-def images_by_key(rows: Sequence[dict], image_keys=('jpg', 'jpeg', 'png', 'webp')) -> Dict[Tuple, object]:
+def images_by_key(rows: Sequence[dict], image_keys=SHARD_IMAGE_KEYS) -> Dict[Tuple, object]:
     """(url or None, key) -> image source (a path, or a shard sample's image bytes) for the given rows: files by
     their ``path`` (or key), shard samples read from their shards (each shard once). Missing ones are absent."""
     out, by_url = {}, {}
