@@ -13,6 +13,7 @@ synonym source: WordNet through NLTK when its corpus is installed (``python -m n
 package on PyPI ships WordNet's data), or a file of ``word<TAB>synonym,synonym,...`` lines; without one, the
 corpus-free operations (swap, deletion) are used and the log says so.
 """
+import functools
 import logging
 import random
 import re
@@ -41,6 +42,7 @@ def wordnet_synonyms() -> Optional[Callable[[str], List[str]]]:
     except Exception:  # noqa: BLE001 - not installed, or the corpus is missing (LookupError)
         return None
 
+    @functools.lru_cache(maxsize=65536)  # a caption's words recur across samples and epochs: look each up once
     def synonyms(word: str) -> List[str]:
         found = {lemma.name().replace('_', ' ').replace('-', ' ').lower()
                  for synset in wordnet.synsets(word) for lemma in synset.lemmas()}
